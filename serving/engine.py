@@ -1,0 +1,232 @@
+"""The engine: `step()` is schedule -> run the model -> postprocess, as in nano-vllm.
+
+>>> engine = LLMEngine.from_pretrained("demo/", EngineConfig())
+>>> [out] = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=8, temperature=0))
+>>> out.token_ids
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.errors import EngineOverloadedError, RequestError
+from serving.experts import ExpertBackend
+from serving.kv_cache import BlockAllocator, KVCache
+from serving.model import MoEForCausalLM, load_local
+from serving.runner import ModelRunner
+from serving.sampling import SamplingParams, TokenLogprobs, make_generator, sample, token_logprobs
+from serving.scheduler import Scheduler
+from serving.sequence import Sequence, Status
+from serving.stops import StopChecker
+from serving.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class EngineConfig(BaseModel):
+    """Engine limits. Memory is bounded by `kv_cache_mb`; queueing by `max_waiting`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights, activations and cache.")
+    kv_cache_mb: float = Field(256, gt=0, description="Memory for the KV cache, in MiB; sets how many tokens fit.")
+    block_size: int = Field(16, ge=1, le=1024, description="Token slots per cache block.")
+    max_batched_tokens: int = Field(512, ge=1, description="Token budget of one engine step (prefill chunk size).")
+    max_running: int = Field(64, ge=1, description="Most sequences decoded together in one step.")
+    max_waiting: int = Field(256, ge=0, description="Most requests queued; past it requests are refused.")
+    max_model_len: int | None = Field(None, ge=1, description="Context limit; default: the model's.")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: new tokens and text, and whether it is finished."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    new_logprobs: list[TokenLogprobs]
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+@dataclass
+class Completion:
+    """A whole request's result (from `generate`)."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: MoEForCausalLM,
+        experts: ExpertBackend,
+        tokenizer: Tokenizer | None,
+        config: EngineConfig,
+    ):
+        self.config, self.tokenizer = config, tokenizer
+        self.model_config = model.config
+        self.max_model_len = min(config.max_model_len or 1 << 62, model.config.max_position_embeddings)
+        shapes = model.cache_shapes()
+        num_blocks = KVCache.blocks_in_budget(
+            shapes, int(config.kv_cache_mb * 2**20), config.block_size, config.torch_dtype
+        )
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_mb={config.kv_cache_mb} holds no block of {config.block_size} tokens")
+        self.allocator = BlockAllocator(num_blocks, config.block_size)
+        self.cache = KVCache(shapes, num_blocks, config.block_size, config.torch_dtype)
+        self.scheduler = Scheduler(self.allocator, config.max_batched_tokens, config.max_running)
+        self.runner = ModelRunner(model, experts, self.cache, self.allocator)
+        self.eos_ids = frozenset(tokenizer.eos_token_ids if tokenizer else model.config.eos_token_ids)
+        self._seqs: dict[str, Sequence] = {}
+        self._stops: dict[str, StopChecker] = {}
+        self._steps = 0
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None) -> LLMEngine:
+        """The whole model in this process, with its tokenizer."""
+        config = config or EngineConfig()
+        model, experts = load_local(path, config.torch_dtype)
+        return cls(model, experts, Tokenizer(path), config)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.allocator.num_blocks * self.allocator.block_size
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise RequestError if this request can never be served (before it takes a queue place)."""
+        if not prompt_ids:
+            raise RequestError("prompt: empty; give at least one token")
+        vocab = self.model_config.vocab_size
+        if bad := [t for t in prompt_ids if not 0 <= t < vocab]:
+            raise RequestError(f"prompt: token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise RequestError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the request asks for "
+                f"{total} ({len(prompt_ids)} in the prompt + {params.max_tokens} max_tokens)"
+            )
+        if total > self.capacity_tokens:
+            raise RequestError(
+                f"the request needs {total} tokens of KV cache but the whole cache holds {self.capacity_tokens}; "
+                "lower max_tokens or raise kv_cache_mb"
+            )
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        self.check_request(prompt_ids, params)
+        if self.num_waiting >= self.config.max_waiting:
+            raise EngineOverloadedError(
+                f"{self.num_waiting} requests are waiting (max_waiting={self.config.max_waiting}); retry later"
+            )
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._seqs:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        seq = Sequence(request_id, list(prompt_ids), params, make_generator(params.seed), self._steps)
+        self._seqs[request_id] = seq
+        self._stops[request_id] = StopChecker(self.tokenizer, params.stop, len(prompt_ids))
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its cache; False if it was not running."""
+        seq = self._seqs.pop(request_id, None)
+        self._stops.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.remove(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, "abort"
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    # -- the step ---------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch: schedule, forward, sample, detect ends. Returns outputs of requests that moved."""
+        chunks = self.scheduler.schedule()
+        self._steps += 1
+        if not chunks:
+            return []
+        logits = self.runner.run(chunks)  # {seq: [V] float32} for sequences whose prompt is done
+        outputs = []
+        for chunk in chunks:
+            seq = chunk.seq
+            seq.num_cached += chunk.num_new
+            if seq not in logits:
+                continue  # mid-prefill: nothing to sample yet
+            outputs.append(self._append_token(seq, logits[seq]))
+        return outputs
+
+    def _append_token(self, seq: Sequence, logits: torch.Tensor) -> RequestOutput:
+        params = seq.params
+        token = sample(logits, params, seq.generator)
+        seq.token_ids.append(token)
+        new_logprobs = []
+        if params.logprobs is not None:
+            new_logprobs = [token_logprobs(logits, token, params.logprobs)]
+            seq.logprobs.extend(new_logprobs)
+        stops = self._stops[seq.request_id]
+        text, stopped = stops.append(seq.token_ids)
+        if stopped or token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos):
+            seq.finish_reason = "stop"
+        elif len(seq.output_ids) >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            text += stops.flush()
+            seq.status = Status.FINISHED
+            self.scheduler.remove(seq)
+            del self._seqs[seq.request_id], self._stops[seq.request_id]
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=[token],
+            new_text=text,
+            new_logprobs=new_logprobs,
+            finished=seq.finish_reason is not None,
+            finish_reason=seq.finish_reason,
+            num_prompt_tokens=seq.num_prompt,
+            num_output_tokens=len(seq.output_ids),
+        )
+
+    # -- offline use ------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+        """Run `prompts` to completion together (continuous batching) and return them in order."""
+        all_params = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, all_params, strict=True)]
+        done: dict[str, Completion] = {i: Completion(i, [], "", None) for i in ids}
+        while self.has_unfinished():
+            for out in self.step():
+                c = done[out.request_id]
+                c.token_ids += out.new_token_ids
+                c.text += out.new_text
+                c.logprobs += out.new_logprobs
+                c.finish_reason = out.finish_reason
+        return [done[i] for i in ids]

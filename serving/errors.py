@@ -1,0 +1,21 @@
+"""Errors the engine raises for bad checkpoints, configs and requests.
+
+Each message names the thing at fault (field, file, tensor, limit) and, where there is one,
+what to do about it. The HTTP layer maps them to 4xx/503 responses.
+"""
+
+
+class ConfigError(ValueError):
+    """A checkpoint or app config field that is missing, malformed or unsupported; the message names the field."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or tensor that is missing, corrupt or mis-shaped; the message names file and tensor."""
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take as given (prompt too long, bad sampling parameter)."""
+
+
+class EngineOverloadedError(RuntimeError):
+    """The waiting queue is full; the caller should retry later (HTTP 429/503 with Retry-After)."""
