@@ -2,6 +2,7 @@
 
     moe-serve make-demo [--arch mixtral] [--out DIR]     write a small checkpoint
     moe-serve generate --model DIR --prompt TEXT         complete a raw prompt in this process
+    moe-serve run [--config FILE] [--model DIR] ...      serve the OpenAI API on a local Ray cluster
 
 Heavy imports (torch, transformers, Ray) happen inside each subcommand, so `--help` is instant.
 """
@@ -53,6 +54,30 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from deployments.local_cluster import load_args, serve_forever
+    from serving.errors import ConfigError
+
+    app_args = load_args(args.config)
+    for key in ("model", "shards", "routers", "engine"):
+        if getattr(args, key) is not None:
+            app_args[key] = getattr(args, key)
+    data_dir = Path(args.data_dir)
+    demo = data_dir / "demo-mixtral"
+    app_args.setdefault("model", str(demo))
+    if Path(app_args["model"]).resolve() == demo.resolve() and not (demo / "config.json").exists():
+        from serving.demo import make_demo
+
+        print(f"building the demo checkpoint in {demo} ...", flush=True)
+        make_demo(demo, arch="mixtral", progress=True)
+    try:
+        serve_forever(app_args, args.host, args.port)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-serve", description="Expert-parallel MoE serving on Ray Serve.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -75,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     gen.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": ...}')
     gen.set_defaults(func=_generate)
+
+    run = sub.add_parser("run", help="start a local Ray cluster and serve the OpenAI API until Ctrl-C")
+    run.add_argument("--config", help="Serve config file; its first application's args are used")
+    run.add_argument("--model", help="checkpoint folder (default: the demo checkpoint, built if missing)")
+    run.add_argument("--shards", type=int, help="expert shards (default: 2; 0 keeps experts in the router)")
+    run.add_argument("--routers", type=int, help="router replicas (default: 1)")
+    run.add_argument("--engine", choices=("native",), help="inference engine (default: native)")
+    run.add_argument("--data-dir", default=".data", help="where the demo checkpoint lives (default: .data)")
+    run.add_argument("--host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1)")
+    run.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    run.set_defaults(func=_run)
     return parser
 
 

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from serving.engine import LLMEngine, RequestOutput
+from serving.errors import EngineOverloadedError, EngineStoppedError, RequestError
 from serving.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -56,15 +57,19 @@ class AsyncEngine:
         """Stream a request's outputs until it finishes. Raises RequestError / EngineOverloadedError
         before the first output if the request is refused."""
         if not self.alive:
-            raise RuntimeError("engine is shut down")
+            raise EngineStoppedError("the engine has shut down")
         loop = asyncio.get_running_loop()
         request_id = request_id or f"areq-{next(self._ids)}"
         stream = _Stream(loop, asyncio.Queue())
         accepted = loop.create_future()
         self._commands.put(_Add(request_id, list(prompt_ids), params, stream, accepted))
-        await accepted  # raises if refused
         finished = False
         try:
+            try:
+                await accepted
+            except (RequestError, EngineOverloadedError):
+                finished = True  # refused: nothing to abort
+                raise
             while True:
                 item = await stream.outputs.get()
                 if isinstance(item, BaseException):
@@ -99,7 +104,7 @@ class AsyncEngine:
                 commands.append(self._commands.get_nowait())
             for cmd in commands:
                 if cmd is None:
-                    self._fail_all(RuntimeError("engine is shutting down"))
+                    self._fail_all(EngineStoppedError("the engine is shutting down"))
                     return
                 self._handle(cmd)
             if self.engine.has_unfinished():
@@ -117,10 +122,12 @@ class AsyncEngine:
             try:
                 self.engine.add_request(cmd.prompt_ids, cmd.params, cmd.request_id)
             except Exception as e:
-                cmd.stream.loop.call_soon_threadsafe(_set_exception, cmd.accepted, e)
+                _post(cmd.stream.loop, _set_exception, cmd.accepted, e)
                 return
             self._streams[cmd.request_id] = cmd.stream
-            cmd.stream.loop.call_soon_threadsafe(_set_result, cmd.accepted, None)
+            if not _post(cmd.stream.loop, _set_result, cmd.accepted, None):
+                self._streams.pop(cmd.request_id)
+                self.engine.abort(cmd.request_id)
         else:
             _, request_id = cmd
             self.engine.abort(request_id)
@@ -132,13 +139,24 @@ class AsyncEngine:
             return
         if out.finished:
             del self._streams[out.request_id]
-        stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, out)
+        if not _post(stream.loop, stream.outputs.put_nowait, out):  # the caller's event loop is gone
+            self._streams.pop(out.request_id, None)
+            self.engine.abort(out.request_id)
 
     def _fail_all(self, error: BaseException) -> None:
         for request_id, stream in list(self._streams.items()):
             self.engine.abort(request_id)
-            stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, error)
+            _post(stream.loop, stream.outputs.put_nowait, error)
         self._streams.clear()
+
+
+def _post(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:
+    """Run fn(*args) on the caller's event loop; False if that loop has closed (caller gone)."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+        return True
+    except RuntimeError:
+        return False
 
 
 def _set_result(future: asyncio.Future, value) -> None:

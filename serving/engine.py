@@ -82,13 +82,18 @@ class LLMEngine:
     ):
         self.config, self.tokenizer = config, tokenizer
         self.model_config = model.config
-        self.max_model_len = min(config.max_model_len or 1 << 62, model.config.max_position_embeddings)
         shapes = model.cache_shapes()
         num_blocks = KVCache.blocks_in_budget(
             shapes, int(config.kv_cache_mb * 2**20), config.block_size, config.torch_dtype
         )
         if num_blocks < 1:
             raise ValueError(f"kv_cache_mb={config.kv_cache_mb} holds no block of {config.block_size} tokens")
+        # The context limit: the model's, the config's, and what the whole KV cache can hold for one request.
+        self.max_model_len = min(
+            config.max_model_len or model.config.max_position_embeddings,
+            model.config.max_position_embeddings,
+            num_blocks * config.block_size,
+        )
         self.allocator = BlockAllocator(num_blocks, config.block_size)
         self.cache = KVCache(shapes, num_blocks, config.block_size, config.torch_dtype)
         self.scheduler = Scheduler(self.allocator, config.max_batched_tokens, config.max_running)
@@ -106,10 +111,6 @@ class LLMEngine:
         model, experts = load_local(path, config.torch_dtype)
         return cls(model, experts, Tokenizer(path), config)
 
-    @property
-    def capacity_tokens(self) -> int:
-        return self.allocator.num_blocks * self.allocator.block_size
-
     # -- requests ---------------------------------------------------------------------------------
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -124,11 +125,6 @@ class LLMEngine:
             raise RequestError(
                 f"this model's maximum context length is {self.max_model_len} tokens; the request asks for "
                 f"{total} ({len(prompt_ids)} in the prompt + {params.max_tokens} max_tokens)"
-            )
-        if total > self.capacity_tokens:
-            raise RequestError(
-                f"the request needs {total} tokens of KV cache but the whole cache holds {self.capacity_tokens}; "
-                "lower max_tokens or raise kv_cache_mb"
             )
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:

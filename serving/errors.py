@@ -19,3 +19,7 @@ class RequestError(ValueError):
 
 class EngineOverloadedError(RuntimeError):
     """The waiting queue is full; the caller should retry later (HTTP 429/503 with Retry-After)."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine has shut down (or is shutting down); the caller should retry on another replica (HTTP 503)."""

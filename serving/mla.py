@@ -6,13 +6,12 @@ P = qk_rope_head_dim, N = qk_nope_head_dim, V = v_head_dim.
 Why MLA caches so little: keys and values of all heads are decompressed from one latent of width
 R plus one rotary key of width P shared by every head, so a token costs R + P numbers per layer
 instead of 2 x H x head_dim. We cache exactly that (the normalised latent and the rotated shared
-key) and decompress the context in each step with kv_b_proj.
+key) and attend in latent space (see `forward`), never decompressing the context.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from serving.attention import AttentionMetadata, write_and_gather
@@ -56,20 +55,24 @@ class MLAttention(nn.Module):
         q_rot = rope(q_rot, meta.positions)  # [T, H, P]
         k_rot = rope(k_rot[:, None, :], meta.positions)[:, 0]  # [T, P]
 
-        context = write_and_gather(cache[0], torch.cat([latent, k_rot], dim=-1), meta)  # [B, L, R+P]
-        B, L = context.shape[:2]
-        context = context.to(x.dtype)
-        kv = self.kv_b_proj(context[..., :R]).view(B, L, H, N + V)  # [B, L, H, N+V]
-        k_nope, values = kv.split([N, V], dim=-1)  # [B, L, H, N], [B, L, H, V]
-        k_rot_ctx = context[..., None, R:].expand(B, L, H, P)  # [B, L, H, P] one rotary key for all heads
-        keys = torch.cat([k_nope, k_rot_ctx], dim=-1)  # [B, L, H, N+P]
-        queries = meta.pad_queries(torch.cat([q_nope, q_rot], dim=-1))  # [B, Q, H, N+P]
-        out = F.scaled_dot_product_attention(
-            queries.transpose(1, 2),  # [B, H, Q, N+P]
-            keys.transpose(1, 2),  # [B, H, L, N+P]
-            values.transpose(1, 2),  # [B, H, L, V]
-            attn_mask=meta.mask,
-            scale=self.softmax_scale,
-        )  # [B, H, Q, V]
-        out = meta.unpad(out.transpose(1, 2))  # [T, H, V]
+        context = write_and_gather(cache[0], torch.cat([latent, k_rot], dim=-1), meta).to(x.dtype)  # [B, L, R+P]
+        # Attention in latent space ("weight absorption", DeepSeek-V2 section 2.1.2). A head's key is
+        # k_nope = W_uk @ latent, so q_nope . k_nope = (W_uk^T @ q_nope) . latent: fold W_uk into the
+        # query once per new token instead of decompressing every context token in every step. Likewise
+        # the values: attend over latents, then apply W_uv once to the result. All heads then share
+        # one key/value "head" (the latent), i.e. multi-query attention of width R+P.
+        w = self.kv_b_proj.weight.view(H, N + V, R)  # [H, N+V, R]
+        w_uk, w_uv = w[:, :N], w[:, N:]  # [H, N, R], [H, V, R]
+        q_latent = torch.einsum("thn,hnr->thr", q_nope, w_uk)  # [T, H, R]
+        queries = meta.pad_queries(torch.cat([q_latent, q_rot], dim=-1))  # [B, Q, H, R+P]
+        B, Q = queries.shape[:2]
+        # One shared key/value head: plain batched matmuls over (query, head) rows. (SDPA's grouped
+        # path copies the latent once per head on CPU, which costs more than the attention itself.)
+        scores = torch.bmm(queries.reshape(B, Q * H, R + P), context.transpose(1, 2))  # [B, Q*H, L]
+        scores = scores.float() * self.softmax_scale
+        mask = meta.mask[:, 0, :, None, :].expand(B, Q, H, -1).reshape(B, Q * H, -1)  # [B, Q*H, L]
+        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(x.dtype)  # [B, Q*H, L]
+        out = torch.bmm(probs, context[..., :R]).view(B, Q, H, R)  # [B, Q, H, R]
+        out = meta.unpad(out)  # [T, H, R]
+        out = torch.einsum("thr,hvr->thv", out, w_uv)  # [T, H, V]
         return self.o_proj(out.reshape(T, H * V))  # [T, D]

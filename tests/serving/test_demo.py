@@ -15,7 +15,6 @@ from serving.demo import (
     init_weights,
     make_demo,
     save_hf_checkpoint,
-    train_tokenizer,
 )
 from serving.errors import ConfigError
 from serving.tokenizer import Tokenizer
@@ -32,13 +31,6 @@ def logits(folder: Path) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(folder)
     with torch.no_grad():
         return model(PROMPT).logits
-
-
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("demo-tokenizer")
-    train_tokenizer(path)
-    return path
 
 
 @pytest.fixture(scope="module", params=ARCHS)

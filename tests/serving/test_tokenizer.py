@@ -3,11 +3,10 @@
 import json
 import random
 import shutil
-from pathlib import Path
 
 import pytest
 
-from serving.demo import DEMO_VOCAB_SIZE, TOKENIZER_FILES, train_tokenizer
+from serving.demo import DEMO_VOCAB_SIZE, TOKENIZER_FILES
 from serving.errors import CheckpointError, ConfigError, RequestError
 from serving.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -22,13 +21,6 @@ UNICODE_TEXTS = [
     "",
 ]
 MULTIBYTE_TEXT = "Tokyo is 東京 🗼; café ☕ costs 3 € — ok 👍🏽 done."
-
-
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("demo-tokenizer")
-    train_tokenizer(path)
-    return path
 
 
 @pytest.fixture(scope="session")

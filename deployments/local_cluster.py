@@ -1,0 +1,75 @@
+"""`moe-serve run`: a local Ray cluster serving the app until Ctrl-C or SIGTERM, then a clean shutdown."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+APP_NAME = "moe"
+
+
+def load_args(config_file: str | None) -> dict[str, Any]:
+    """The first application's `args:` from a Serve config file (or {} without one)."""
+    if config_file is None:
+        return {}
+    doc = yaml.safe_load(Path(config_file).read_text()) or {}
+    apps = doc.get("applications") or []
+    if not apps:
+        raise SystemExit(f"{config_file}: no applications: block")
+    return dict(apps[0].get("args") or {})
+
+
+def wait_ready(url: str, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}/healthz did not answer within {timeout_s:.0f} s")
+
+
+def serve_forever(args: dict[str, Any], host: str, port: int, temp_dir: str | None = None) -> None:
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app, validate
+
+    cfg = validate(args)  # config errors before any process starts
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    ray.init(include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+        url = f"http://{host}:{port}"
+        wait_ready(url)
+        model = cfg.served_model_name or Path(cfg.model).name
+        print(_banner(url, model, cfg.shards), flush=True)
+        stop.wait()
+        print("shutting down...", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _banner(url: str, model: str, shards: int) -> str:
+    return f"""
+moe-serve is up: model {model!r}, {shards} expert shard(s). Press Ctrl-C to stop.
+
+  OpenAI API     {url}/v1   (GET /v1/models, POST /v1/completions, POST /v1/chat/completions)
+  health         {url}/healthz
+
+  curl {url}/v1/completions -H 'Content-Type: application/json' \\
+       -d '{{"model": "{model}", "prompt": "Experts live on", "max_tokens": 16, "temperature": 0}}'
+"""

@@ -1,0 +1,40 @@
+"""ExpertShard: one shard's routed experts of every MoE layer, stateless, one GPU per replica.
+
+Each replica reads only its own experts' tensors from the checkpoint, so its memory is its share
+of the expert weights. It holds no per-request state: any replica of a shard serves any call.
+"""
+
+from __future__ import annotations
+
+import torch
+from ray import serve
+from torch import Tensor
+
+from serving.checkpoint import Checkpoint
+from serving.config import ModelConfig
+from serving.engine import DTYPES
+from serving.model import load_experts
+from serving.sharded_experts import ShardCall, run_shard_call
+
+
+@serve.deployment(max_ongoing_requests=64, health_check_period_s=10)
+class ExpertShard:
+    def __init__(self, model_path: str, shard_id: int, expert_ids: list[int], dtype: str):
+        torch.set_grad_enabled(False)
+        self.shard_id, self.expert_ids = shard_id, list(expert_ids)
+        ckpt = Checkpoint(model_path)
+        cfg = ModelConfig.from_pretrained(model_path)
+        self.layers = load_experts(ckpt, cfg, self.expert_ids, DTYPES[dtype])
+        self.bytes_loaded = ckpt.bytes_read
+
+    def run(self, layer: int, call: ShardCall) -> Tensor:
+        """Weighted partial sums [R_s, D] of this shard's experts over the rows it was sent."""
+        return run_shard_call(self.layers, layer, call)
+
+    def info(self) -> dict:
+        return {
+            "shard_id": self.shard_id,
+            "expert_ids": self.expert_ids,
+            "bytes_loaded": self.bytes_loaded,
+            "expert_bytes": sum(layer.nbytes for layer in self.layers.values()),
+        }
