@@ -51,8 +51,8 @@ def wait_healthy(url: str, timeout_s: float = 240.0) -> None:
 
 
 def complete(url: str, prompt: str, max_tokens: int = 12) -> dict:
-    r = httpx.post(f"{url}/v1/completions", json={"model": "demo", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
-                   timeout=120)  # fmt: skip
+    body = {"model": "demo", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
     assert r.status_code == 200, r.text
     return r.json()
 
