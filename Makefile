@@ -14,10 +14,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Until the Serve cluster lands: build the demo checkpoint once, then generate from it.
+# Serve the demo model (built into $(DATA_DIR) on first start) with 2 expert shards on http://127.0.0.1:8000.
 run: install
-	@test -f $(DATA_DIR)/demo-mixtral/config.json || $(VENV)/bin/moe-serve make-demo --out $(DATA_DIR)/demo-mixtral
-	$(VENV)/bin/moe-serve generate --model $(DATA_DIR)/demo-mixtral --prompt "Experts live on" --max-tokens 24
+	$(VENV)/bin/moe-serve run --config configs/demo.yaml --data-dir $(DATA_DIR)
 
 test: install
 	$(PY) -m pytest -q

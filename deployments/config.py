@@ -63,6 +63,11 @@ class AppConfig(BaseModel):
             raise ValueError(f"explicit_placement lists {len(self.explicit_placement)} shards but shards={self.shards}")
         return self
 
+    def total_cpus(self) -> float:
+        """Logical CPUs all replicas reserve together (a local cluster needs at least this many)."""
+        shards = self.shards * self.shard_replicas * self.shard_resources.num_cpus
+        return self.routers * self.router_resources.num_cpus + shards + self.ingress_resources.num_cpus
+
     def replica_options(self, resources: ResourceConfig) -> dict:
         """ray_actor_options for a router or shard replica."""
         options: dict = {"num_cpus": resources.num_cpus}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import signal
 import threading
 import time
@@ -46,9 +48,12 @@ def serve_forever(args: dict[str, Any], host: str, port: int, temp_dir: str | No
 
     cfg = validate(args)  # config errors before any process starts
     stop = threading.Event()
+    # CPU reservations are for placement, not limits: a laptop with fewer cores still runs the app.
+    num_cpus = max(os.cpu_count() or 1, math.ceil(cfg.total_cpus()))
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    # After ray.init, which installs its own fatal-signal handlers: ours turn both into a clean stop.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    ray.init(include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)

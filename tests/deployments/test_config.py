@@ -1,0 +1,57 @@
+"""The app config: every YAML in the repo validates, placement errors name the expert, resources follow
+the accelerator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from deployments.app import plan_placement, validate
+from deployments.config import AppConfig
+from router.placement import PlacementError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def app_args_blocks():
+    for file in sorted(REPO.glob("configs/*.yaml")):
+        for app in yaml.safe_load(file.read_text()).get("applications", []):
+            yield pytest.param(app, id=f"{file.name}:{app['name']}")
+
+
+@pytest.mark.parametrize("app", list(app_args_blocks()))
+def test_every_config_in_the_repo_validates(app):
+    assert app["import_path"] == "deployments.app:build_app"
+    AppConfig.model_validate(app["args"])
+
+
+def test_unknown_field_is_named():
+    with pytest.raises(ValidationError, match="shardz"):
+        AppConfig.model_validate({"model": "x", "shardz": 2})
+
+
+def test_placement_that_leaves_an_expert_on_no_shard_names_it(demo_dir):
+    cfg = validate({"model": str(demo_dir), "shards": 2, "placement": "explicit",
+                    "explicit_placement": [[0, 1, 2], [3, 4, 6]]})  # fmt: skip
+    with pytest.raises(PlacementError, match=r"experts \[5, 7\] are on no shard"):
+        plan_placement(cfg)
+
+
+def test_uneven_contiguous_placement(demo_dir):
+    placement = plan_placement(validate({"model": str(demo_dir), "shards": 3}))
+    assert placement.shards == ((0, 1, 2), (3, 4, 5), (6, 7))
+
+
+def test_gpu_accelerator_gives_each_replica_one_gpu():
+    gpu = AppConfig.model_validate({"model": "x", "accelerator": "gpu"})
+    cpu = AppConfig.model_validate({"model": "x"})
+    assert gpu.replica_options(gpu.shard_resources) == {"num_cpus": 0.5, "num_gpus": 1}
+    assert cpu.replica_options(cpu.router_resources) == {"num_cpus": 1.0}
+
+
+def test_explicit_placement_must_match_shards():
+    with pytest.raises(ValidationError, match="explicit_placement lists 1 shards but shards=2"):
+        AppConfig.model_validate({"model": "x", "placement": "explicit", "explicit_placement": [[0]]})
