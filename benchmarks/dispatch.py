@@ -11,18 +11,16 @@ overhead of one hop (a 1-row call through the handle minus the same call in proc
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
 
 from benchmarks.engine import build_checkpoint
+from benchmarks.report import machine_meta, write_report
 from router.gate import top_k_gate
 from router.placement import Placement
 from serving.checkpoint import Checkpoint
@@ -54,6 +52,48 @@ def deploy_shards(path: Path, placement: Placement, dtype: str):
     return handles
 
 
+def measure(path: Path, name: str, args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
+    """Hop overhead and sharded/fused times of one model's first MoE layer at each token count."""
+    from ray import serve
+
+    from deployments.transport import HandleTransport
+
+    cfg = ModelConfig.from_pretrained(path)
+    layer = cfg.moe_layer_ids[0]
+    fused = LocalExpertBackend(load_experts(Checkpoint(path), cfg, list(range(cfg.num_experts)), dtype))
+    placement = Placement.contiguous(cfg.num_experts, args.shards)
+    handles = deploy_shards(path, placement, args.dtype)
+    sharded = ShardedExpertBackend(placement, HandleTransport(handles))
+
+    # One hop: a 1-row call to shard 0 through its handle, minus the same call in process.
+    one = ShardCall(torch.randn(1, cfg.hidden_size, dtype=dtype), torch.zeros(1, dtype=torch.long),
+                    torch.tensor([placement.experts_of(0)[0]]), torch.ones(1, dtype=dtype))  # fmt: skip
+    remote = timed(lambda: handles[0].run.remote(layer, one).result(), args.repeats)
+    local = timed(lambda: fused.layers[layer].forward(one.hidden, one.local_rows, one.experts, one.weights),
+                  args.repeats)  # fmt: skip
+    hop_ms = (statistics.median(remote) - statistics.median(local)) * 1e3
+
+    rows = []
+    for tokens in [int(t) for t in args.tokens.split(",")]:
+        gen = torch.Generator().manual_seed(tokens)
+        hidden = torch.randn(tokens, cfg.hidden_size, generator=gen).to(dtype)
+        weights, ids = top_k_gate(torch.randn(tokens, cfg.num_experts, generator=gen), cfg.gate)
+        step = (layer, hidden, weights.to(dtype), ids)
+        torch.testing.assert_close(sharded(*step), fused(*step), rtol=2e-2, atol=2e-2)
+        fused_s, sharded_s = [], []
+        for _ in range(args.repeats):  # alternate: both see the same machine noise
+            fused_s += timed(lambda: fused(*step), 1)  # noqa: B023 (called at once, inside the loop)
+            sharded_s += timed(lambda: sharded(*step), 1)  # noqa: B023
+        f_ms, s_ms = statistics.median(fused_s) * 1e3, statistics.median(sharded_s) * 1e3
+        rows.append(dict(model=name, tokens=tokens, shards=args.shards, fused_ms=round(f_ms, 2),
+                         sharded_ms=round(s_ms, 2), ratio=round(s_ms / f_ms, 2), hop_ms=round(hop_ms, 2)))  # fmt: skip
+        print(f"{name:>6} T={tokens:<4} fused {f_ms:8.2f} ms  sharded {s_ms:8.2f} ms  "
+              f"x{s_ms / f_ms:.2f}  hop {hop_ms:.2f} ms", flush=True)  # fmt: skip
+    for i in range(placement.num_shards):
+        serve.delete(f"shard{i}")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="bench,demo")
@@ -68,63 +108,21 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from deployments.transport import HandleTransport
-
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     ray.init(num_cpus=8, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
     dtype = getattr(torch, args.dtype)
     rows = []
     try:
         for name in args.models.split(","):
-            path = build_checkpoint(name, Path(args.cache_dir))
-            cfg = ModelConfig.from_pretrained(path)
-            layer = cfg.moe_layer_ids[0]
-            fused = LocalExpertBackend(load_experts(Checkpoint(path), cfg, list(range(cfg.num_experts)), dtype))
-            placement = Placement.contiguous(cfg.num_experts, args.shards)
-            handles = deploy_shards(path, placement, args.dtype)
-            sharded = ShardedExpertBackend(placement, HandleTransport(handles))
-
-            # One hop: a 1-row call to shard 0 through its handle, minus the same call in process.
-            one = ShardCall(torch.randn(1, cfg.hidden_size, dtype=dtype), torch.zeros(1, dtype=torch.long),
-                            torch.tensor([placement.experts_of(0)[0]]), torch.ones(1))  # fmt: skip
-            remote = timed(lambda: handles[0].run.remote(layer, one).result(), args.repeats)
-            local = timed(lambda: fused.layers[layer].forward(one.hidden, one.local_rows, one.experts,
-                                                               one.weights.to(dtype)), args.repeats)  # fmt: skip
-            hop_ms = (statistics.median(remote) - statistics.median(local)) * 1e3
-
-            for tokens in [int(t) for t in args.tokens.split(",")]:
-                gen = torch.Generator().manual_seed(tokens)
-                hidden = torch.randn(tokens, cfg.hidden_size, generator=gen).to(dtype)
-                weights, ids = top_k_gate(torch.randn(tokens, cfg.num_experts, generator=gen), cfg.gate)
-                weights = weights.to(dtype)
-                torch.testing.assert_close(sharded(layer, hidden, weights, ids), fused(layer, hidden, weights, ids),
-                                           rtol=2e-2, atol=2e-2)  # fmt: skip
-                f_s, s_s = [], []
-                for _ in range(args.repeats):  # alternate: both see the same machine noise
-                    f_s += timed(lambda: fused(layer, hidden, weights, ids), 1)
-                    s_s += timed(lambda: sharded(layer, hidden, weights, ids), 1)
-                f_ms, s_ms = statistics.median(f_s) * 1e3, statistics.median(s_s) * 1e3
-                rows.append(dict(model=name, tokens=tokens, shards=args.shards, fused_ms=round(f_ms, 2),
-                                 sharded_ms=round(s_ms, 2), ratio=round(s_ms / f_ms, 2), hop_ms=round(hop_ms, 2)))  # fmt: skip
-                print(f"{name:>6} T={tokens:<4} fused {f_ms:8.2f} ms  sharded {s_ms:8.2f} ms  "
-                      f"x{s_ms / f_ms:.2f}  hop {hop_ms:.2f} ms", flush=True)  # fmt: skip
-            for i in range(placement.num_shards):
-                serve.delete(f"shard{i}")
-            del fused
+            rows += measure(build_checkpoint(name, Path(args.cache_dir)), name, args, dtype)
     finally:
         serve.shutdown()
         ray.shutdown()
 
-    meta = dict(date=str(date.today()), machine=f"{platform.machine()}, {os.cpu_count()} cores",
-                torch=torch.__version__, dtype=args.dtype, repeats=args.repeats, transport="serve-handle")  # fmt: skip
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "dispatch.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"\n{meta}\n")
-    print("| model | tokens/step | shards | fused ms | sharded ms | sharded / fused | hop overhead ms |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['model']} | {r['tokens']} | {r['shards']} | {r['fused_ms']} | {r['sharded_ms']} | "
-              f"{r['ratio']}x | {r['hop_ms']} |")  # fmt: skip
+    meta = machine_meta(dtype=args.dtype, repeats=args.repeats, transport="serve-handle")
+    columns = {"model": "model", "tokens/step": "tokens", "shards": "shards", "fused ms": "fused_ms",
+               "sharded ms": "sharded_ms", "sharded / fused": "ratio", "hop overhead ms": "hop_ms"}  # fmt: skip
+    write_report(args.out, "dispatch", meta, rows, columns)
 
 
 if __name__ == "__main__":

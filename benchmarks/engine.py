@@ -12,16 +12,15 @@ between the engines; the table shows medians and the ratio ours/transformers.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
+
+from benchmarks.report import machine_meta, write_report
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -128,16 +127,11 @@ def main() -> None:
             print(f"{name:>6} c={n:<3} ours {ours:8.1f} tok/s  transformers {theirs:8.1f} tok/s  x{ours / theirs:.2f}")
         del model, experts, reference
 
-    meta = dict(date=str(date.today()), machine=f"{platform.machine()}, {os.cpu_count()} cores",
-                torch=torch.__version__, dtype=args.dtype, repeats=args.repeats)  # fmt: skip
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "engine.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"\n{meta}\n")
-    print("| model | concurrency | output tokens | ours tok/s | transformers tok/s | ours / transformers |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['model']} | {r['concurrency']} | {r['output_tokens']} | {r['ours_tok_s']} | "
-              f"{r['transformers_tok_s']} | {r['ratio']}x |")  # fmt: skip
+    meta = machine_meta(dtype=args.dtype, repeats=args.repeats)
+    columns = {"model": "model", "concurrency": "concurrency", "output tokens": "output_tokens",
+               "ours tok/s": "ours_tok_s", "transformers tok/s": "transformers_tok_s",
+               "ours / transformers": "ratio"}  # fmt: skip
+    write_report(args.out, "engine", meta, rows, columns)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,3 @@ class Sequence:
     def num_uncached(self) -> int:
         """Tokens still to run through the model: prompt chunks, or the one token just sampled."""
         return len(self.token_ids) - self.num_cached
-
-    @property
-    def is_prefill(self) -> bool:
-        return self.num_uncached > 1 or self.num_cached == 0

@@ -16,6 +16,7 @@ from serving.api import build_api, load_api_keys
 from serving.async_engine import AsyncEngine
 from serving.engine import EngineConfig, LLMEngine, RequestOutput
 from serving.sampling import SamplingParams
+from tests.polling import poll
 
 MODEL = "demo-mixtral"
 PROMPT = "Experts live on"
@@ -446,7 +447,7 @@ def test_client_disconnect_aborts_the_engine_request(served, stream, spec, caplo
                 first_chunk.set()
 
         await app(scope, receive, send)
-        return await _poll(lambda: not engine.has_unfinished() and engine.allocator.num_free == free)
+        return await poll(lambda: not engine.has_unfinished() and engine.allocator.num_free == free)
 
     assert run(main()), "the engine request still holds the cache after the client left"
     assert client.outputs < 100, f"{client.outputs} outputs: the request ran on after the client left"
@@ -461,13 +462,3 @@ def test_validation_error_names_every_bad_field(app):
     assert r.status_code == 400 and error["param"] == "temperature", "the first bad field"
     for field in ("temperature", "messages[0].role", "messages[0].content"):
         assert f"{field}:" in error["message"]
-
-
-async def _poll(condition, timeout: float = 10.0) -> bool:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while loop.time() < end:
-        if condition():
-            return True
-        await asyncio.sleep(0.01)
-    return False

@@ -10,6 +10,7 @@ from serving.async_engine import AsyncEngine
 from serving.engine import EngineConfig, LLMEngine
 from serving.errors import RequestError
 from serving.sampling import SamplingParams
+from tests.polling import poll
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
@@ -64,15 +65,5 @@ def test_leaving_a_stream_early_aborts_and_frees_the_cache(engines):
             break  # client went away after the first token
 
     asyncio.run(main())
-    deadline = asyncio.run(_wait_for(lambda: engine.allocator.num_free == free and not engine.has_unfinished()))
+    deadline = asyncio.run(poll(lambda: engine.allocator.num_free == free and not engine.has_unfinished()))
     assert deadline, "the aborted request still holds cache blocks"
-
-
-async def _wait_for(condition, timeout: float = 10.0) -> bool:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while loop.time() < end:
-        if condition():
-            return True
-        await asyncio.sleep(0.01)
-    return False

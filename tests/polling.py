@@ -1,0 +1,16 @@
+"""Waiting for a condition with a deadline (tests never sleep a fixed time to wait for something)."""
+
+from __future__ import annotations
+
+import asyncio
+
+
+async def poll(condition, timeout: float = 10.0) -> bool:
+    """True as soon as condition() holds; False if it still does not after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while loop.time() < end:
+        if condition():
+            return True
+        await asyncio.sleep(0.01)
+    return condition()
