@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 
+from deployments.local_cluster import wait_ready
 from tests.deployments.conftest import free_port
 
 MOE_SERVE = str(Path(sys.executable).parent / "moe-serve")
@@ -40,13 +41,7 @@ def test_run_serves_the_demo_and_shuts_down_cleanly(tmp_path, demo_dir):
     )  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        wait_ready(url, timeout_s=240)
         model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         r = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 4}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4

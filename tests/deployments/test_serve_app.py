@@ -12,6 +12,7 @@ import pytest
 from ray import serve
 
 from deployments.app import build_app
+from deployments.local_cluster import wait_ready
 from serving.demo import make_demo
 from serving.engine import LLMEngine
 from serving.sampling import SamplingParams
@@ -32,22 +33,8 @@ def deploy(serve_url: str, args: dict) -> tuple[str, str]:
     args = {"served_model_name": "demo", **args}
     serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
     url = f"{serve_url}/{name}"
-    wait_healthy(url)
+    wait_ready(url, timeout_s=240)
     return url, name
-
-
-def wait_healthy(url: str, timeout_s: float = 240.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise TimeoutError(f"{url} not healthy after {timeout_s} s")
 
 
 def complete(url: str, prompt: str, max_tokens: int = 12) -> dict:
