@@ -55,3 +55,9 @@ def test_gpu_accelerator_gives_each_replica_one_gpu():
 def test_explicit_placement_must_match_shards():
     with pytest.raises(ValidationError, match="explicit_placement lists 1 shards but shards=2"):
         AppConfig.model_validate({"model": "x", "placement": "explicit", "explicit_placement": [[0]]})
+
+
+def test_demo_config_fits_a_two_core_machine():
+    """`serve run configs/demo.yaml` starts a cluster with one logical CPU per core."""
+    [app] = yaml.safe_load((REPO / "configs/demo.yaml").read_text())["applications"]
+    assert AppConfig.model_validate(app["args"]).total_cpus() <= 2
