@@ -3,6 +3,7 @@
     moe-serve make-demo [--arch mixtral] [--out DIR]     write a small checkpoint
     moe-serve generate --model DIR --prompt TEXT         complete a raw prompt in this process
     moe-serve run [--config FILE] [--model DIR] ...      serve the OpenAI API on a local Ray cluster
+    moe-serve plan --model DIR --gpu-memory GiB ...      size a GPU deployment (shards, routers, KV room)
 
 Heavy imports (torch, transformers, Ray) happen inside each subcommand, so `--help` is instant.
 """
@@ -78,6 +79,19 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from serving.capacity import CapacityError, load_config, plan_capacity
+    from serving.errors import ConfigError
+
+    try:
+        plan = plan_capacity(load_config(args.model), args.gpu_memory, args.dtype, args.routers)
+    except (ConfigError, CapacityError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(plan.describe())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-serve", description="Expert-parallel MoE serving on Ray Serve.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -111,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1)")
     run.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     run.set_defaults(func=_run)
+
+    plan = sub.add_parser("plan", help="size an expert-parallel GPU deployment from a checkpoint's config.json")
+    plan.add_argument("--model", required=True, help="checkpoint folder or its config.json (no weights needed)")
+    plan.add_argument("--gpu-memory", type=float, required=True, help="memory of one GPU, GiB (e.g. 80)")
+    plan.add_argument("--dtype", choices=("bf16", "fp8"), default="bf16", help="weight format (default: bf16)")
+    plan.add_argument("--routers", type=int, default=1, help="router replicas, one GPU each (default: 1)")
+    plan.set_defaults(func=_plan)
     return parser
 
 

@@ -1,0 +1,127 @@
+"""`moe-serve plan`: parameter counts, shards, router memory and KV room, checked against arithmetic
+written out here for the public DeepSeek-V3 config, and against the tensors transformers builds."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from deployments.cli import main
+from serving.capacity import CapacityError, count_params, kv_bytes_per_token, load_config, plan_capacity
+from serving.demo import ARCHS, DEMO_VOCAB_SIZE, demo_config
+from serving.errors import ConfigError
+
+DEEPSEEK_V3 = Path(__file__).parent / "data" / "deepseek_v3_config.json"
+GIB = 2**30
+
+# DeepSeek-V3, from its config.json. Layers 0-2 have a dense MLP, layers 3-60 an MoE block.
+H, V, LAYERS, DENSE_LAYERS, MOE_LAYERS = 7168, 129280, 61, 3, 58
+EXPERTS, MOE_I, DENSE_I, HEADS = 256, 2048, 18432, 128
+Q_RANK, KV_RANK, NOPE, ROPE, V_DIM = 1536, 512, 128, 64, 128
+
+PER_EXPERT = MOE_LAYERS * 3 * H * MOE_I  # gate, up and down projections of one expert in every MoE layer
+ROUTED = EXPERTS * PER_EXPERT
+ATTENTION = (
+    H * Q_RANK + Q_RANK + Q_RANK * HEADS * (NOPE + ROPE)  # q_a_proj, q_a_layernorm, q_b_proj
+    + H * (KV_RANK + ROPE) + KV_RANK + KV_RANK * HEADS * (NOPE + V_DIM)  # kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj
+    + HEADS * V_DIM * H  # o_proj
+)  # fmt: skip
+DENSE = (
+    2 * V * H  # embed_tokens and lm_head (not tied)
+    + LAYERS * ATTENTION
+    + (2 * LAYERS + 1) * H  # two norms per layer, final norm
+    + DENSE_LAYERS * 3 * H * DENSE_I  # dense MLPs
+    + MOE_LAYERS * (EXPERTS * H + EXPERTS + 3 * H * MOE_I)  # gate weight, its score-correction bias, shared expert
+)  # fmt: skip
+KV_PER_TOKEN = (KV_RANK + ROPE) * LAYERS * 2  # MLA caches the latent and the rotary key, bf16
+
+
+def test_deepseek_v3_parameter_counts():
+    params = count_params(load_config(DEEPSEEK_V3))
+    assert params.per_expert == PER_EXPERT == 2_554_331_136
+    assert params.routed == ROUTED == 653_908_770_816
+    assert params.dense == DENSE
+    # 671B is DeepSeek's published size without the 14B multi-token-prediction layer, which we do not count.
+    assert round(params.total / 1e9) == 671
+    assert kv_bytes_per_token(load_config(DEEPSEEK_V3)) == KV_PER_TOKEN == 70_272
+
+
+def test_deepseek_v3_bf16_on_80_gib():
+    plan = plan_capacity(load_config(DEEPSEEK_V3), gpu_memory_gib=80, dtype="bf16", routers=2)
+    usable = int(80 * GIB * 0.9)  # 10% kept for CUDA context and activations
+    expert = PER_EXPERT * 2  # bf16: 5.1 GB per expert
+    fit = usable // expert
+    assert fit == 15  # 15 x 5.11 GB = 76.6 GB <= 77.3 GB usable < 16 x 5.11 GB
+    assert plan.num_shards == math.ceil(256 / 15) == 18  # 17 shards of 15 would hold only 255
+    # 256 = 18 x 14 + 4: the first four shards hold 15 experts, the other fourteen 14.
+    assert [len(ids) for ids in plan.placement.shards] == [15] * 4 + [14] * 14
+    assert max(plan.shard_bytes) == 15 * expert
+    assert plan.spare_expert_slots == (0,) * 4 + (1,) * 14  # a 15th expert still fits beside 14
+    assert plan.router_bytes == DENSE * 2
+    assert plan.kv_room_bytes == usable - DENSE * 2
+    assert plan.kv_tokens == (usable - DENSE * 2) // KV_PER_TOKEN
+    assert plan.worker_groups() == {"routers": 2, "shards": 18}
+
+
+def test_deepseek_v3_fp8_on_80_gib_needs_half_the_shards():
+    plan = plan_capacity(load_config(DEEPSEEK_V3), gpu_memory_gib=80, dtype="fp8", routers=1)
+    usable = int(80 * GIB * 0.9)
+    assert usable // PER_EXPERT == 30  # fp8: 1 byte per parameter
+    assert plan.num_shards == math.ceil(256 / 30) == 9  # 256 = 9 x 28 + 4
+    assert [len(ids) for ids in plan.placement.shards] == [29] * 4 + [28] * 5
+    assert plan.spare_expert_slots == (1,) * 4 + (2,) * 5
+    assert plan.router_bytes == DENSE
+    assert plan.kv_bytes_per_token == KV_PER_TOKEN  # the cache stays bf16
+    assert plan.worker_groups() == {"routers": 1, "shards": 9}
+
+
+def test_plan_command_prints_the_placement(capsys):
+    assert main(["plan", "--model", str(DEEPSEEK_V3), "--gpu-memory", "80", "--routers", "2"]) == 0
+    out = capsys.readouterr().out
+    kv_tokens = (int(80 * GIB * 0.9) - DENSE * 2) // KV_PER_TOKEN
+    for expected in [
+        "671.0B (653.9B in routed experts, 17.1B dense)",
+        "shards: 18 (experts per shard: 4 x 15, 14 x 14)",
+        "weights per shard GPU: 71.4 GiB",  # 15 x 5,108,662,272 bytes
+        "redundant expert copies that fit: 14",
+        f"weights per router GPU: {DENSE * 2 / GIB:.1f} GiB",
+        f"{kv_tokens:,} tokens at 70,272 bytes/token",
+        "routers replicas=2, shards replicas=18",
+    ]:
+        assert expected in out
+
+
+def test_plan_accepts_the_public_fp8_config(tmp_path):
+    # The published config.json carries quantization_config, which the engine refuses; planning ignores it.
+    raw = json.loads(DEEPSEEK_V3.read_text())
+    raw["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert count_params(load_config(tmp_path)).routed == ROUTED
+
+
+def test_too_small_gpus_are_refused_with_the_part_that_does_not_fit(capsys):
+    with pytest.raises(CapacityError, match=r"one routed expert \(4\.8 GiB in bf16\) does not fit"):
+        plan_capacity(load_config(DEEPSEEK_V3), gpu_memory_gib=4)
+    with pytest.raises(CapacityError, match=r"the dense part \(31\.9 GiB in bf16\) leaves no KV cache room"):
+        plan_capacity(load_config(DEEPSEEK_V3), gpu_memory_gib=34)
+    assert main(["plan", "--model", str(DEEPSEEK_V3), "--gpu-memory", "4"]) == 2
+    assert "does not fit" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="no_such_dir"):
+        load_config("no_such_dir")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_counts_match_the_tensors_transformers_builds(arch, tmp_path):
+    """The tiny demo configs of every arch: routed = tensors under mlp.experts, dense = all the others."""
+    from transformers import AutoModelForCausalLM
+
+    overrides = {"q_lora_rank": 32} if arch == "deepseek_v3" else {}  # cover the low-rank query path too
+    hf_config = demo_config(arch, DEMO_VOCAB_SIZE, **overrides)
+    state = AutoModelForCausalLM.from_config(hf_config).state_dict()
+    hf_config.save_pretrained(tmp_path)
+    params = count_params(load_config(tmp_path))
+    assert params.routed == sum(t.numel() for name, t in state.items() if ".mlp.experts." in name)
+    assert params.dense == sum(t.numel() for name, t in state.items() if ".mlp.experts." not in name)
