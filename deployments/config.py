@@ -6,6 +6,7 @@ Validated once, in `build_app`; unknown fields are errors that name the field.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -62,6 +63,11 @@ class AppConfig(BaseModel):
         if self.explicit_placement is not None and len(self.explicit_placement) != self.shards:
             raise ValueError(f"explicit_placement lists {len(self.explicit_placement)} shards but shards={self.shards}")
         return self
+
+    @property
+    def model_name(self) -> str:
+        """The model id clients use, and the `model` label of every metric."""
+        return self.served_model_name or Path(self.model).name
 
     def total_cpus(self) -> float:
         """Logical CPUs all replicas reserve together (a local cluster needs at least this many)."""

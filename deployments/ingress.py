@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.config import AppConfig
+from deployments.metrics import RaySink
 from serving.api import build_api, load_api_keys
 from serving.engine import RequestOutput
 from serving.errors import EngineOverloadedError, EngineStoppedError, RequestError
+from serving.metrics import HttpMetrics, MeteredClient
 from serving.sampling import SamplingParams
 from serving.tokenizer import Tokenizer
 
+ROUTES = frozenset({"/v1/models", "/v1/completions", "/v1/chat/completions", "/healthz"})
 _PASS_THROUGH = (RequestError, EngineOverloadedError, EngineStoppedError)  # engine refusals the API maps to 4xx
 
 
@@ -49,14 +51,16 @@ class Ingress:
         keys = load_api_keys(cfg.api_keys_env, cfg.api_keys_file) if cfg.auth else frozenset()
         if cfg.auth and not keys:
             raise ValueError(f"auth is on but no API key is set: put keys in ${cfg.api_keys_env} or api_keys_file")
-        self.api = build_api(
-            RouterClient(router),
+        sink = RaySink()
+        api = build_api(
+            MeteredClient(RouterClient(router), sink, cfg.model_name),
             Tokenizer(cfg.model),
-            cfg.served_model_name or Path(cfg.model).name,
+            cfg.model_name,
             api_keys=keys,
             max_body_bytes=cfg.max_body_bytes,
             max_model_len=limits["max_model_len"],
         )
+        self.api = HttpMetrics(api, sink, cfg.model_name, ROUTES)
 
     def __serve_build_asgi_app__(self):
         return self.api

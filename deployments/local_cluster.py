@@ -40,7 +40,9 @@ def wait_ready(url: str, timeout_s: float = 300.0) -> None:
     raise TimeoutError(f"{url}/healthz did not answer within {timeout_s:.0f} s")
 
 
-def serve_forever(args: dict[str, Any], host: str, port: int, temp_dir: str | None = None) -> None:
+def serve_forever(
+    args: dict[str, Any], host: str, port: int, metrics_port: int = 8080, temp_dir: str | None = None
+) -> None:
     import ray
     from ray import serve
 
@@ -50,7 +52,8 @@ def serve_forever(args: dict[str, Any], host: str, port: int, temp_dir: str | No
     stop = threading.Event()
     # CPU reservations are for placement, not limits: a laptop with fewer cores still runs the app.
     num_cpus = max(os.cpu_count() or 1, math.ceil(cfg.total_cpus()))
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False,
+             _metrics_export_port=metrics_port)  # fmt: skip
     # After ray.init, which installs its own fatal-signal handlers: ours turn both into a clean stop.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -60,7 +63,7 @@ def serve_forever(args: dict[str, Any], host: str, port: int, temp_dir: str | No
         url = f"http://{host}:{port}"
         wait_ready(url)
         model = cfg.served_model_name or Path(cfg.model).name
-        print(_banner(url, model, cfg.shards), flush=True)
+        print(_banner(url, model, cfg.shards, f"http://127.0.0.1:{metrics_port}/metrics"), flush=True)
         stop.wait()
         print("shutting down...", flush=True)
     finally:
@@ -68,12 +71,13 @@ def serve_forever(args: dict[str, Any], host: str, port: int, temp_dir: str | No
         ray.shutdown()
 
 
-def _banner(url: str, model: str, shards: int) -> str:
+def _banner(url: str, model: str, shards: int, metrics_url: str) -> str:
     return f"""
 moe-serve is up: model {model!r}, {shards} expert shard(s). Press Ctrl-C to stop.
 
   OpenAI API     {url}/v1   (GET /v1/models, POST /v1/completions, POST /v1/chat/completions)
   health         {url}/healthz
+  metrics        {metrics_url}   (Prometheus format; Ray prefixes every name with ray_)
 
   curl {url}/v1/completions -H 'Content-Type: application/json' \\
        -d '{{"model": "{model}", "prompt": "Experts live on", "max_tokens": 16, "temperature": 0}}'

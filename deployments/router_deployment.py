@@ -11,6 +11,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.config import AppConfig
+from deployments.metrics import RaySink
 from deployments.transport import HandleTransport
 from router.placement import Placement
 from serving.async_engine import AsyncEngine
@@ -29,11 +30,14 @@ class Router:
         cfg = AppConfig.model_validate(config)
         dtype = cfg.engine_config.torch_dtype
         model, ckpt = load_model(cfg.model, dtype)
+        sink, name = RaySink(), cfg.model_name
         if placement is None:
             experts = LocalExpertBackend(load_experts(ckpt, model.config, list(range(model.config.num_experts)), dtype))
         else:
-            experts = ShardedExpertBackend(placement, HandleTransport(list(shards)))
-        engine = LLMEngine(model, experts, Tokenizer(cfg.model), cfg.engine_config)
+            experts = ShardedExpertBackend(placement, HandleTransport(list(shards), sink, name))
+        replica = serve.get_replica_context().replica_tag
+        labels = {"model": name, "replica": replica}
+        engine = LLMEngine(model, experts, Tokenizer(cfg.model), cfg.engine_config, metrics=sink, metric_labels=labels)
         self.max_model_len = engine.max_model_len
         self.engine = AsyncEngine(engine, name="router")
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -18,6 +19,21 @@ from pydantic import BaseModel, ConfigDict, Field
 from serving.errors import EngineOverloadedError, RequestError
 from serving.experts import ExpertBackend
 from serving.kv_cache import BlockAllocator, KVCache
+from serving.metrics import (
+    BATCH,
+    EXPERT_TOKENS,
+    GENERATED_TOKENS,
+    KV_USAGE,
+    PROMPT_TOKENS,
+    QUEUE,
+    RUNNING,
+    STEP,
+    WAITING,
+    Metric,
+    MetricsSink,
+    NullSink,
+    RoutingCounter,
+)
 from serving.model import MoEForCausalLM, load_local
 from serving.runner import ModelRunner
 from serving.sampling import SamplingParams, TokenLogprobs, make_generator, sample, token_logprobs
@@ -79,6 +95,8 @@ class LLMEngine:
         experts: ExpertBackend,
         tokenizer: Tokenizer | None,
         config: EngineConfig,
+        metrics: MetricsSink | None = None,
+        metric_labels: dict[str, str] | None = None,
     ):
         self.config, self.tokenizer = config, tokenizer
         self.model_config = model.config
@@ -97,7 +115,9 @@ class LLMEngine:
         self.allocator = BlockAllocator(num_blocks, config.block_size)
         self.cache = KVCache(shapes, num_blocks, config.block_size, config.torch_dtype)
         self.scheduler = Scheduler(self.allocator, config.max_batched_tokens, config.max_running)
-        self.runner = ModelRunner(model, experts, self.cache, self.allocator)
+        self.metrics, self.metric_labels = metrics or NullSink(), dict(metric_labels or {"model": "model"})
+        self.routing = RoutingCounter(experts, model.config.num_experts)  # tokens per expert, for metrics
+        self.runner = ModelRunner(model, self.routing, self.cache, self.allocator)
         self.eos_ids = frozenset(tokenizer.eos_token_ids if tokenizer else model.config.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}
         self._stops: dict[str, StopChecker] = {}
@@ -136,7 +156,7 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._seqs:
             raise RequestError(f"request id {request_id!r} is already in use")
-        seq = Sequence(request_id, list(prompt_ids), params, make_generator(params.seed), self._steps)
+        seq = Sequence(request_id, list(prompt_ids), params, make_generator(params.seed), time.perf_counter())
         self._seqs[request_id] = seq
         self._stops[request_id] = StopChecker(self.tokenizer, params.stop, len(prompt_ids))
         self.scheduler.add(seq)
@@ -167,10 +187,15 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one batch: schedule, forward, sample, detect ends. Returns outputs of requests that moved."""
+        start = time.perf_counter()
         chunks = self.scheduler.schedule()
         self._steps += 1
         if not chunks:
             return []
+        for chunk in chunks:
+            if not chunk.seq.scheduled:
+                chunk.seq.scheduled = True
+                self._record(QUEUE, start - chunk.seq.arrival_time)
         logits = self.runner.run(chunks)  # {seq: [V] float32} for sequences whose prompt is done
         outputs = []
         for chunk in chunks:
@@ -179,7 +204,22 @@ class LLMEngine:
             if seq not in logits:
                 continue  # mid-prefill: nothing to sample yet
             outputs.append(self._append_token(seq, logits[seq]))
+        self._record_step(time.perf_counter() - start, sum(c.num_new for c in chunks), len(outputs))
         return outputs
+
+    def _record(self, metric: Metric, value: float, **labels: str) -> None:
+        base = {k: v for k, v in self.metric_labels.items() if k in metric.labels}
+        self.metrics.record(metric, value, {**base, **labels})
+
+    def _record_step(self, seconds: float, tokens: int, sampled: int) -> None:
+        self._record(STEP, seconds)
+        self._record(BATCH, tokens)
+        self._record(GENERATED_TOKENS, sampled)
+        self._record(RUNNING, self.num_running)
+        self._record(WAITING, self.num_waiting)
+        self._record(KV_USAGE, self.allocator.usage)
+        for (layer, expert), rows in self.routing.drain().items():
+            self._record(EXPERT_TOKENS, rows, layer=str(layer), expert=str(expert))
 
     def _append_token(self, seq: Sequence, logits: torch.Tensor) -> RequestOutput:
         params = seq.params
@@ -198,6 +238,7 @@ class LLMEngine:
         if seq.finish_reason is not None:
             text += stops.flush()
             seq.status = Status.FINISHED
+            self._record(PROMPT_TOKENS, seq.num_prompt)
             self.scheduler.remove(seq)
             del self._seqs[seq.request_id], self._stops[seq.request_id]
         return RequestOutput(

@@ -22,9 +22,10 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     generator: torch.Generator
-    arrival_step: int
+    arrival_time: float  # time.perf_counter() when the request was added
     token_ids: list[int] = field(default_factory=list)  # prompt + generated, grows by one per decode
     num_cached: int = 0  # leading tokens whose K/V are in the cache
+    scheduled: bool = False  # has run in at least one step (queue time is recorded then)
     blocks: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"

@@ -1,0 +1,161 @@
+"""Every metric the service exports, declared in one place, and the pure-Python parts that record them.
+
+Names carry the `moe_` prefix and their unit (`_seconds`, `_total`); labels are bounded (model,
+route, status, shard, layer, expert), never a request id. What measures what:
+
+    TTFT, ITL, end-to-end     MeteredClient, around the engine client the HTTP API calls: what users feel
+    HTTP requests             HttpMetrics, an ASGI middleware (route and status code)
+    engine step, queue, KV    LLMEngine.record_step, once per engine step
+    tokens per expert         RoutingCounter, counting the gate's choices per (layer, expert)
+    dispatch per shard        the shard transport (deployments/transport.py)
+
+The definitions follow vLLM's serving benchmark: TTFT is the time from receiving the request to its
+first output token; ITL is each gap between successive output tokens; end-to-end is receipt to last token.
+Export is pluggable (`MetricsSink`); on Ray Serve the sink is deployments/metrics.py (ray.util.metrics).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor
+
+# Bucket edges, in seconds or counts.
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5.0)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    kind: Literal["counter", "gauge", "histogram"]
+    description: str
+    labels: tuple[str, ...] = ("model",)
+    buckets: tuple[float, ...] = ()
+
+
+TTFT = Metric("moe_time_to_first_token_seconds", "histogram", "Request receipt to first output token.",
+              buckets=LATENCY_BUCKETS)  # fmt: skip
+ITL = Metric("moe_inter_token_latency_seconds", "histogram", "Gap between successive output tokens.",
+             buckets=TOKEN_GAP_BUCKETS)  # fmt: skip
+E2E = Metric("moe_e2e_request_latency_seconds", "histogram", "Request receipt to last output token.",
+             buckets=LATENCY_BUCKETS)  # fmt: skip
+QUEUE = Metric("moe_request_queue_seconds", "histogram", "Time a request waited before its first engine step.",
+               buckets=LATENCY_BUCKETS)  # fmt: skip
+PROMPT_TOKENS = Metric("moe_prompt_tokens_total", "counter", "Prompt tokens of finished requests.")
+GENERATED_TOKENS = Metric("moe_generation_tokens_total", "counter", "Tokens generated.")
+RUNNING = Metric("moe_requests_running", "gauge", "Requests in the running batch (per router replica).",
+                 labels=("model", "replica"))  # fmt: skip
+WAITING = Metric("moe_requests_waiting", "gauge", "Requests queued for the running batch (per router replica).",
+                 labels=("model", "replica"))  # fmt: skip
+KV_USAGE = Metric("moe_kv_cache_usage_ratio", "gauge", "Fraction of KV cache blocks in use (per router replica).",
+                  labels=("model", "replica"))  # fmt: skip
+STEP = Metric("moe_engine_step_seconds", "histogram", "Duration of one engine step.", buckets=STEP_BUCKETS)
+BATCH = Metric("moe_engine_batch_tokens", "histogram", "Tokens run in one engine step.", buckets=BATCH_BUCKETS)
+EXPERT_TOKENS = Metric("moe_expert_tokens_total", "counter", "Token rows the gate routed to each expert.",
+                       labels=("model", "layer", "expert"))  # fmt: skip
+DISPATCH = Metric("moe_dispatch_seconds", "histogram", "One MoE layer's call to one shard, send to result.",
+                  labels=("model", "shard"), buckets=STEP_BUCKETS)  # fmt: skip
+HTTP_REQUESTS = Metric("moe_http_requests_total", "counter", "HTTP requests by route and status code.",
+                       labels=("model", "route", "status"))  # fmt: skip
+
+ALL = (TTFT, ITL, E2E, QUEUE, PROMPT_TOKENS, GENERATED_TOKENS, RUNNING, WAITING, KV_USAGE, STEP, BATCH,
+       EXPERT_TOKENS, DISPATCH, HTTP_REQUESTS)  # fmt: skip
+
+
+class MetricsSink(Protocol):
+    """Where recorded values go: counters add, gauges set, histograms observe."""
+
+    def record(self, metric: Metric, value: float, labels: dict[str, str]) -> None: ...
+
+
+class NullSink:
+    def record(self, metric: Metric, value: float, labels: dict[str, str]) -> None:
+        pass
+
+
+class MemorySink:
+    """Keeps every record in a list: for tests, and a fake that implements the same protocol."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, float, dict[str, str]]] = []
+
+    def record(self, metric: Metric, value: float, labels: dict[str, str]) -> None:
+        self.records.append((metric.name, value, dict(labels)))
+
+    def values(self, name: str) -> list[float]:
+        return [v for n, v, _ in self.records if n == name]
+
+
+class RoutingCounter:
+    """Wraps an ExpertBackend and counts the gate's choices per (layer, expert) until `drain()`."""
+
+    def __init__(self, backend, num_experts: int):
+        self.backend, self.num_experts = backend, num_experts
+        self.counts: dict[int, Tensor] = {}  # layer -> [E] token rows routed so far
+
+    def __call__(self, layer: int, hidden: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
+        routed = torch.bincount(ids.flatten(), minlength=self.num_experts)  # [E]
+        self.counts[layer] = self.counts.get(layer, 0) + routed
+        return self.backend(layer, hidden, weights, ids)
+
+    def drain(self) -> dict[tuple[int, int], int]:
+        """{(layer, expert): rows} for experts that got rows since the last drain."""
+        out = {(layer, e): int(n) for layer, c in self.counts.items() for e, n in enumerate(c.tolist()) if n}
+        self.counts = {}
+        return out
+
+
+class MeteredClient:
+    """An engine client (see serving/api.py) that records TTFT, ITL and end-to-end latency per request."""
+
+    def __init__(self, client, sink: MetricsSink, model: str):
+        self.client, self.sink, self.labels = client, sink, {"model": model}
+
+    async def generate(self, prompt_ids, params, request_id=None) -> AsyncIterator:
+        start = last = time.perf_counter()
+        first = True
+        async for out in self.client.generate(prompt_ids, params, request_id):
+            if out.new_token_ids:
+                now = time.perf_counter()
+                if first:
+                    self.sink.record(TTFT, now - start, self.labels)
+                    first = False
+                else:
+                    self.sink.record(ITL, now - last, self.labels)
+                last = now
+            if out.finished:
+                self.sink.record(E2E, time.perf_counter() - start, self.labels)
+            yield out
+
+
+class HttpMetrics:
+    """ASGI middleware: counts HTTP requests by route template and status code (bounded labels:
+    unknown paths are counted as route "other")."""
+
+    def __init__(self, app, sink: MetricsSink, model: str, routes: frozenset[str]):
+        self.app, self.sink, self.model, self.routes = app, sink, model, routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        route = next((r for r in self.routes if path.endswith(r)), "other")
+        status = {"code": 500}
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            labels = {"model": self.model, "route": route, "status": str(status["code"])}
+            self.sink.record(HTTP_REQUESTS, 1, labels)
