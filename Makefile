@@ -22,8 +22,8 @@ test: install
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check router serving deployments tests benchmarks
-	$(VENV)/bin/ruff format --check router serving deployments tests benchmarks
+	$(VENV)/bin/ruff check router serving deployments loadtests tests benchmarks
+	$(VENV)/bin/ruff format --check router serving deployments loadtests tests benchmarks
 
 bench: install
 	$(PY) -m benchmarks.engine

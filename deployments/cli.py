@@ -4,6 +4,7 @@
     moe-serve generate --model DIR --prompt TEXT         complete a raw prompt in this process
     moe-serve run [--config FILE] [--model DIR] ...      serve the OpenAI API on a local Ray cluster
     moe-serve plan --model DIR --gpu-memory GiB ...      size a GPU deployment (shards, routers, KV room)
+    moe-serve loadtest --url URL [--users N] ...         load-test an OpenAI-compatible server, write a report
 
 Heavy imports (torch, transformers, Ray) happen inside each subcommand, so `--help` is instant.
 """
@@ -92,6 +93,61 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ingest(args: argparse.Namespace) -> int:
+    from serving.errors import ConfigError
+    from serving.retrieval.ingest import delete_paths, ingest_paths
+    from serving.retrieval.store import RetrievalUnavailableError, UnknownCollectionError, VectorStore
+
+    api_key = None
+    if args.qdrant_api_key_env:
+        api_key = os.environ.get(args.qdrant_api_key_env)
+        if not api_key:
+            print(f"error: --qdrant-api-key-env: ${args.qdrant_api_key_env} is not set", file=sys.stderr)
+            return 2
+    where = dict(path=Path(args.data_dir) / "qdrant", url=args.qdrant_url, api_key=api_key)
+    try:
+        if args.delete:
+            with VectorStore(**where) as store:
+                deleted = delete_paths(args.paths, store, args.collection)
+            print(f"deleted {deleted} chunks from {args.collection!r} in {store.location}")
+            return 0
+        missing = [p for p in args.paths if not Path(p).exists()]
+        if missing:  # before the model loads
+            raise FileNotFoundError(f"ingest: {', '.join(missing)} does not exist")
+        from serving.retrieval.embedder import Embedder
+
+        embedder = Embedder()
+        with VectorStore(embedder.dim, **where) as store:
+            report = ingest_paths(args.paths, store, embedder, args.collection)
+        print(f"{args.collection!r} in {store.location}: {report.summary()}")
+        for skipped in report.skipped:
+            print(f"  skipped {skipped}")
+    except (ConfigError, FileNotFoundError, RetrievalUnavailableError, UnknownCollectionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _loadtest(args: argparse.Namespace) -> int:
+    from loadtests.runner import RUN_FAILED, LoadTest, run_loadtest
+    from loadtests.summary import SloError, parse_slos
+    from loadtests.workload import Workload, parse_word_range
+
+    try:
+        workload = Workload(
+            prompt_words=parse_word_range(args.prompt_words), max_tokens=args.max_tokens,
+            chat_fraction=args.chat_fraction, rag=args.rag, model=args.model, rate=args.rate,
+            ignore_eos=args.ignore_eos, seed=args.seed,
+        )  # fmt: skip
+        test = LoadTest(url=args.url, out=Path(args.out), users=args.users, duration_s=args.duration,
+                        spawn_rate=args.spawn_rate, grace_s=args.grace, workload=workload,
+                        slos=parse_slos(args.slo))  # fmt: skip
+    except (SloError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return RUN_FAILED
+    return run_loadtest(test)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-serve", description="Expert-parallel MoE serving on Ray Serve.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -132,6 +188,32 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--dtype", choices=("bf16", "fp8"), default="bf16", help="weight format (default: bf16)")
     plan.add_argument("--routers", type=int, default=1, help="router replicas, one GPU each (default: 1)")
     plan.set_defaults(func=_plan)
+    ingest = sub.add_parser("ingest", help="chunk, embed and store .txt/.md files for retrieval (or --delete them)")
+    ingest.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (walked recursively)")
+    ingest.add_argument("--collection", default="docs", help="Qdrant collection (default: docs)")
+    ingest.add_argument("--data-dir", default=".data", help="the embedded store is DATA_DIR/qdrant (default: .data)")
+    ingest.add_argument("--qdrant-url", help="a Qdrant server to write to instead of the embedded store")
+    ingest.add_argument("--qdrant-api-key-env", metavar="VAR", help="environment variable holding the server's API key")
+    ingest.add_argument("--delete", action="store_true", help="delete these files' chunks instead of ingesting")
+    ingest.set_defaults(func=_ingest)
+
+    load = sub.add_parser("loadtest", help="load-test any OpenAI-compatible server with locust; write a report")
+    load.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
+    load.add_argument("--users", type=int, default=8, help="concurrent users (default: 8)")
+    load.add_argument("--spawn-rate", type=float, help="users started per second (default: all at once)")
+    load.add_argument("--rate", type=float, help="total requests/s, paced (default: each user sends back to back)")
+    load.add_argument("--duration", type=float, default=30.0, help="seconds of load (default: 30)")
+    load.add_argument("--grace", type=float, default=10.0, help="seconds running requests may finish (default: 10)")
+    load.add_argument("--out", default=".data/loadtest", help="report folder (default: .data/loadtest)")
+    load.add_argument("--slo", default="errors=0", help="SLOs, e.g. ttft_p99=2.0,itl_p99=0.2,errors=0 (s)")
+    load.add_argument("--prompt-words", default="16:64", help="prompt words, MIN:MAX uniform (default: 16:64)")
+    load.add_argument("--max-tokens", type=int, default=64, help="max_tokens per request (default: 64)")
+    load.add_argument("--chat-fraction", type=float, default=0.5, help="share of chat requests (default: 0.5)")
+    load.add_argument("--rag", action="store_true", help='add "retrieval": {"top_k": 4, "collection": "docs"}')
+    load.add_argument("--model", help="model name (default: the first of GET /v1/models)")
+    load.add_argument("--ignore-eos", action="store_true", help="ask for exactly max_tokens tokens (vLLM extension)")
+    load.add_argument("--seed", type=int, default=0, help="prompt seed (default: 0)")
+    load.set_defaults(func=_loadtest)
     return parser
 
 

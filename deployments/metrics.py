@@ -33,7 +33,8 @@ class RaySink:
     def record(self, metric: Metric, value: float, labels: dict[str, str]) -> None:
         instrument = self._instrument(metric)
         if metric.kind == "counter":
-            instrument.inc(value, tags=labels)
+            if value > 0:  # Ray's Counter refuses inc(0); adding nothing is a no-op anyway
+                instrument.inc(value, tags=labels)
         elif metric.kind == "gauge":
             instrument.set(value, tags=labels)
         else:

@@ -1,0 +1,228 @@
+"""Chunk vectors in Qdrant: an embedded store in a local folder, or a Qdrant server.
+
+    >>> store = VectorStore(dim=384, path=".data/qdrant")            # embedded, persisted in that folder
+    >>> store = VectorStore(dim=384, url="http://qdrant:6333", api_key=key, timeout_s=5)   # a server
+    >>> store.ensure_collection("docs")
+    >>> store.upsert("docs", chunks, vectors)                         # vectors [N, 384], one row per chunk
+    >>> [p.source for p in store.search("docs", query_vector, top_k=3, source_filter="docs/x.md")]
+    ['docs/x.md', 'docs/x.md', 'docs/x.md']
+    >>> store.delete_source("docs", "docs/x.md")
+    7
+    >>> store.collections()
+    [('docs', 120)]
+    >>> store.close()
+
+Both modes go through the same qdrant-client calls. Each point is one chunk: its id is the chunk's
+stable uuid5 (so writing a chunk again overwrites it), its payload holds `source`, `chunk` (index)
+and `text`. Collections use cosine distance (`DISTANCE`), the measure sentence-transformers models
+are trained for; our vectors are unit length, so it equals the dot product.
+
+Limits: the embedded store is for development and small corpora: it searches by brute force in
+NumPy, evaluates payload filters in Python point by point, and only one process may open its folder
+(`python -m benchmarks.retrieval` on 2 cores: top-5 search p50 ~17 ms at 10k chunks and ~180 ms at
+100k; with a source filter ~150 ms at 10k). A Qdrant server indexes vectors (HNSW) and payload
+fields, and many processes can share it.
+Calls to a server time out after `timeout_s` (whole seconds: qdrant-client rounds up), and every
+transport failure is raised as `RetrievalUnavailableError` naming the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+from serving.errors import ConfigError
+from serving.retrieval.chunking import Chunk
+
+DISTANCE = models.Distance.COSINE
+DEFAULT_TIMEOUT_S = 5.0
+UPSERT_BATCH = 256  # points per request: keeps a request far below the server's 32 MiB body limit
+
+
+class RetrievalUnavailableError(RuntimeError):
+    """The vector store cannot be reached or opened now (server down, timeout, folder locked); retry later."""
+
+
+class UnknownCollectionError(LookupError):
+    """A collection that does not exist; the message names it and the ones that do."""
+
+
+@dataclass(frozen=True)
+class Passage:
+    """One search hit: cosine similarity `score` (higher is closer) and the chunk it found."""
+
+    score: float
+    source: str
+    chunk: int
+    text: str
+
+
+class VectorStore:
+    """Qdrant behind a small API: collections of chunk vectors, written by source, searched by vector.
+
+    `url` selects a server (with optional `api_key`); otherwise the embedded store lives in `path`.
+    `dim` is the vector size for collections this store creates (the embedder's `dim`); None for a
+    store that only searches and deletes.
+    """
+
+    def __init__(
+        self,
+        dim: int | None = None,
+        *,
+        path: str | Path = ".data/qdrant",
+        url: str | None = None,
+        api_key: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ):
+        if timeout_s <= 0:
+            raise ConfigError(f"retrieval timeout_s must be > 0, got {timeout_s}")
+        self.dim = dim
+        self.timeout_s = timeout_s
+        self.location = url or str(Path(path))
+        self._is_server = url is not None
+        try:
+            if url is not None:
+                # check_compatibility=False: the version probe would make a request (and warn) right here.
+                self._client = QdrantClient(url=url, api_key=api_key, timeout=timeout_s, check_compatibility=False)
+            else:
+                Path(path).mkdir(parents=True, exist_ok=True)
+                self._client = QdrantClient(path=str(path))
+        except RuntimeError as exc:  # the embedded store's folder lock is held by another client
+            raise RetrievalUnavailableError(
+                f"the embedded Qdrant store in {path} is open in another process or client ({exc}); "
+                "only one may open it: stop the other one, or use a Qdrant server (url) to share a store"
+            ) from exc
+
+    @contextlib.contextmanager
+    def _guard(self, what: str, collection: str | None = None) -> Iterator[None]:
+        """Turn qdrant-client's errors into ours: unreachable -> RetrievalUnavailableError, missing
+        `collection` -> UnknownCollectionError, a bad request -> ValueError; each naming the store."""
+        try:
+            yield
+        except ResponseHandlingException as exc:  # connect error, timeout, broken response
+            raise RetrievalUnavailableError(
+                f"Qdrant at {self.location} is unreachable ({what}, timeout {self.timeout_s:g} s): {exc.source!r}"
+            ) from exc
+        except UnexpectedResponse as exc:
+            status = exc.status_code or 0
+            if status == 404 and collection is not None:
+                raise self._unknown(collection) from exc
+            message = f"Qdrant at {self.location} refused {what}: HTTP {status} {exc.reason_phrase}"
+            if status in (401, 403):
+                raise RetrievalUnavailableError(f"{message} (check the API key)") from exc
+            if 400 <= status < 500:
+                raise ValueError(f"{message}: {exc.content[:300]!r}") from exc
+            raise RetrievalUnavailableError(message) from exc
+        except ValueError as exc:  # the embedded store's way of saying "no such collection"
+            if collection is not None and not self._client.collection_exists(collection):
+                raise self._unknown(collection) from exc
+            raise
+
+    def _unknown(self, collection: str) -> UnknownCollectionError:
+        with self._guard("list collections"):
+            names = sorted(c.name for c in self._client.get_collections().collections)
+        return UnknownCollectionError(f"no collection {collection!r} in {self.location}; it has {names or 'none'}")
+
+    def ensure_collection(self, name: str) -> None:
+        """Create collection `name` (size `dim`, cosine) unless it exists; an existing one must have size `dim`."""
+        with self._guard(f"ensure_collection({name!r})"):
+            if self._client.collection_exists(name):
+                size = self._client.get_collection(name).config.params.vectors.size
+                if self.dim is not None and size != self.dim:
+                    raise ConfigError(
+                        f"collection {name!r} in {self.location} holds {size}-d vectors but the embedder makes "
+                        f"{self.dim}-d ones: use another collection name or the embedding model it was built with"
+                    )
+                return
+            if self.dim is None:
+                raise ConfigError(f"cannot create collection {name!r}: this VectorStore was opened without dim")
+            try:
+                self._client.create_collection(name, models.VectorParams(size=self.dim, distance=DISTANCE))
+            except UnexpectedResponse as exc:
+                if exc.status_code != 409:
+                    raise
+                return self.ensure_collection(name)  # another client created it meanwhile: check its size
+            if self._is_server:  # the embedded store has no payload indexes (it scans payloads)
+                self._client.create_payload_index(name, "source", models.PayloadSchemaType.KEYWORD)
+                self._client.create_payload_index(name, "chunk", models.PayloadSchemaType.INTEGER)
+
+    def upsert(self, name: str, chunks: Sequence[Chunk], vectors: np.ndarray) -> None:
+        """Write `chunks` with their `vectors` [N, dim]; a chunk already stored (same source and index) is replaced."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or len(vectors) != len(chunks):
+            raise ValueError(f"upsert into {name!r}: {len(chunks)} chunks need vectors [{len(chunks)}, dim], "
+                             f"got shape {list(vectors.shape)}")  # fmt: skip
+        for start in range(0, len(chunks), UPSERT_BATCH):
+            batch = chunks[start : start + UPSERT_BATCH]
+            points = models.Batch(
+                ids=[str(c.point_id) for c in batch],
+                vectors=vectors[start : start + UPSERT_BATCH].tolist(),
+                payloads=[{"source": c.source, "chunk": c.index, "text": c.text} for c in batch],
+            )
+            with self._guard(f"upsert into {name!r}", name):
+                self._client.upsert(name, points=points, wait=True)
+
+    def count(self, name: str, source: str | None = None, *, min_chunk: int = 0) -> int:
+        """Points in `name` (of `source` only, with chunk index >= `min_chunk`, when given)."""
+        with self._guard(f"count in {name!r}", name):
+            return self._client.count(name, count_filter=_source_filter(source, min_chunk), exact=True).count
+
+    def delete_source(self, name: str, source: str, *, min_chunk: int = 0) -> int:
+        """Delete the chunks of `source` (those with index >= `min_chunk`); returns how many there were."""
+        selector = _source_filter(source, min_chunk)
+        found = self.count(name, source, min_chunk=min_chunk)
+        if found:
+            with self._guard(f"delete {source!r} from {name!r}", name):
+                self._client.delete(name, points_selector=models.FilterSelector(filter=selector), wait=True)
+        return found
+
+    def search(
+        self, name: str, vector: np.ndarray, top_k: int = 5, source_filter: str | list[str] | None = None
+    ) -> list[Passage]:
+        """The `top_k` chunks closest to `vector` [dim], best first; only from `source_filter`'s source(s) if set."""
+        if top_k < 1:
+            raise ValueError(f"search top_k must be >= 1, got {top_k}")
+        vector = np.asarray(vector, dtype=np.float32)
+        if vector.ndim != 1 or (self.dim is not None and len(vector) != self.dim):
+            raise ValueError(f"search in {name!r}: the query vector must be [{self.dim}], got {list(vector.shape)}")
+        query_filter = None
+        if source_filter is not None:
+            sources = [source_filter] if isinstance(source_filter, str) else list(source_filter)
+            query_filter = models.Filter(must=[models.FieldCondition(key="source", match=models.MatchAny(any=sources))])
+        with self._guard(f"search in {name!r}", name):
+            hits = self._client.query_points(name, query=vector.tolist(), limit=top_k, query_filter=query_filter).points
+        return [Passage(h.score, h.payload["source"], h.payload["chunk"], h.payload["text"]) for h in hits]
+
+    def collections(self) -> list[tuple[str, int]]:
+        """(name, point count) of every collection, sorted by name."""
+        with self._guard("list collections"):
+            names = sorted(c.name for c in self._client.get_collections().collections)
+            return [(n, self._client.count(n, exact=True).count) for n in names]
+
+    def close(self) -> None:
+        """Release the client (and the embedded store's folder lock)."""
+        self._client.close()
+
+    def __enter__(self) -> VectorStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"VectorStore({self.location!r}, dim={self.dim})"
+
+
+def _source_filter(source: str | None, min_chunk: int) -> models.Filter | None:
+    if source is None:
+        return None
+    must = [models.FieldCondition(key="source", match=models.MatchValue(value=source))]
+    if min_chunk > 0:
+        must.append(models.FieldCondition(key="chunk", range=models.Range(gte=min_chunk)))
+    return models.Filter(must=must)
