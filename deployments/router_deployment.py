@@ -5,6 +5,7 @@ continuous batching, with routed experts on the ExpertShard deployments (or in p
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import torch
 from ray import serve
@@ -49,8 +50,9 @@ class Router:
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs (a Serve streaming method: call with handle.options(stream=True))."""
-        async for out in self.engine.generate(prompt_ids, params, request_id):
-            yield out
+        async with aclosing(self.engine.generate(prompt_ids, params, request_id)) as stream:
+            async for out in stream:  # cancelled by the caller: closing the stream aborts the request
+                yield out
 
     def check_health(self) -> None:
         if not self.engine.alive:

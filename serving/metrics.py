@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -121,18 +122,20 @@ class MeteredClient:
     async def generate(self, prompt_ids, params, request_id=None) -> AsyncIterator:
         start = last = time.perf_counter()
         first = True
-        async for out in self.client.generate(prompt_ids, params, request_id):
-            if out.new_token_ids:
-                now = time.perf_counter()
-                if first:
-                    self.sink.record(TTFT, now - start, self.labels)
-                    first = False
-                else:
-                    self.sink.record(ITL, now - last, self.labels)
-                last = now
-            if out.finished:
-                self.sink.record(E2E, time.perf_counter() - start, self.labels)
-            yield out
+        # aclosing: leaving early (client gone) closes the inner stream at once, which aborts the request
+        async with aclosing(self.client.generate(prompt_ids, params, request_id)) as stream:
+            async for out in stream:
+                if out.new_token_ids:
+                    now = time.perf_counter()
+                    if first:
+                        self.sink.record(TTFT, now - start, self.labels)
+                        first = False
+                    else:
+                        self.sink.record(ITL, now - last, self.labels)
+                    last = now
+                if out.finished:
+                    self.sink.record(E2E, time.perf_counter() - start, self.labels)
+                yield out
 
 
 class HttpMetrics:

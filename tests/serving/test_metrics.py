@@ -89,3 +89,24 @@ def test_http_metrics_bound_the_route_label():
         {"model": "m", "route": "/v1/models", "status": "200"},
         {"model": "m", "route": "other", "status": "404"},
     ]
+
+
+def test_leaving_a_metered_stream_early_closes_the_inner_stream_at_once():
+    closed = []
+
+    class Endless:
+        async def generate(self, prompt_ids, params, request_id=None):
+            try:
+                while True:
+                    yield FakeOutput([1], finished=False)
+            finally:
+                closed.append(True)  # AsyncEngine aborts the request here
+
+    async def main():
+        stream = MeteredClient(Endless(), MemorySink(), "m").generate([1], SamplingParams())
+        async for _ in stream:
+            break
+        await stream.aclose()
+        return list(closed)
+
+    assert asyncio.run(main()) == [True]
