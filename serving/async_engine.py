@@ -97,7 +97,7 @@ class AsyncEngine:
         while True:
             idle = not self.engine.has_unfinished()
             try:
-                commands = [self._commands.get(timeout=0.5 if idle else None)] if idle else []
+                commands = [self._commands.get(timeout=0.5)] if idle else []  # idle: block briefly
             except queue.Empty:
                 continue
             while not self._commands.empty():

@@ -81,9 +81,7 @@ class Checkpoint:
 
     def read(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         """The tensor `name` (canonical), checked to have `shape`, converted to `dtype`."""
-        if name not in self._where:
-            raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
-        file, stored = self._where[name]
+        file, stored = self._locate(name)
         tensor = self._load(file, stored, lambda f: f.get_tensor(stored))
         return self._checked(tensor, shape, dtype, f"{file.name}: tensor {stored!r}")
 
@@ -113,10 +111,7 @@ class Checkpoint:
     def _read_fused(self, prefix: str, expert_ids: list[int], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         out = []
         for part in ("gate_up_proj", "down_proj"):
-            name = f"{prefix}.{part}"
-            if name not in self._where:
-                raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
-            file, stored = self._where[name]
+            file, stored = self._locate(f"{prefix}.{part}")
 
             def rows(f, stored=stored, file=file):
                 sl = f.get_slice(stored)
@@ -130,10 +125,14 @@ class Checkpoint:
             out.append(self._load(file, stored, rows).to(dtype))
         return out[0], out[1]
 
-    def _read_unchecked(self, name: str) -> Tensor:
+    def _locate(self, name: str) -> tuple[Path, str]:
+        """(file, stored name) of canonical tensor `name`."""
         if name not in self._where:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
-        file, stored = self._where[name]
+        return self._where[name]
+
+    def _read_unchecked(self, name: str) -> Tensor:
+        file, stored = self._locate(name)
         return self._load(file, stored, lambda f: f.get_tensor(stored))
 
     def _load(self, file: Path, stored: str, get) -> Tensor:

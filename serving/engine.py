@@ -121,7 +121,6 @@ class LLMEngine:
         self.eos_ids = frozenset(tokenizer.eos_token_ids if tokenizer else model.config.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}
         self._stops: dict[str, StopChecker] = {}
-        self._steps = 0
         self._ids = itertools.count()
 
     @classmethod
@@ -189,7 +188,6 @@ class LLMEngine:
         """Run one batch: schedule, forward, sample, detect ends. Returns outputs of requests that moved."""
         start = time.perf_counter()
         chunks = self.scheduler.schedule()
-        self._steps += 1
         if not chunks:
             return []
         for chunk in chunks:

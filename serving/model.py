@@ -104,11 +104,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Mo
     ckpt = Checkpoint(path)
     with torch.device("meta"):  # no time spent initialising weights we overwrite
         model = MoEForCausalLM(cfg)
-    names = list(model.state_dict())
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if cfg.tie_word_embeddings and not ckpt.has("lm_head.weight"):
-        names.remove("lm_head.weight")
-    shapes = dict(model.state_dict().items())
-    state = {name: ckpt.read(name, tuple(shapes[name].shape), dtype) for name in names}
+        del shapes["lm_head.weight"]  # tied: the embedding serves as the output head
+    state = {name: ckpt.read(name, shape, dtype) for name, shape in shapes.items()}
     if "lm_head.weight" not in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, assign=True, strict=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 
 import httpx
 import openai
@@ -88,8 +89,6 @@ def test_16_concurrent_streams_complete_with_the_tokens_they_get_alone(two_shard
             assert r.status_code == 200
             async for line in r.aiter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
-                    import json
-
                     text += json.loads(line[6:])["choices"][0]["text"]
         return text
 
