@@ -1,7 +1,7 @@
 """`build_app(args)`: validate the config once, place the experts, and bind the deployments.
 
 serve run configs/demo.yaml            # import_path: deployments.app:build_app, args: {...}
-serve.run(build_app({"model": ".data/demo-mixtral", "shards": 2}))
+serve.run(build_app({"model": ".data/demo-mixtral", "shards": 2, "retrieval": {"ingest_on_start": ["docs"]}}))
 """
 
 from __future__ import annotations
@@ -13,16 +13,26 @@ from ray.serve import Application
 
 from deployments.config import AppConfig
 from deployments.ingress import Ingress
+from deployments.retriever_deployment import Retriever
 from deployments.router_deployment import Router
 from deployments.shard_deployment import ExpertShard
 from router.placement import Placement, build_placement
 from serving.config import ModelConfig
 
 
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
 def validate(args: dict[str, Any] | AppConfig) -> AppConfig:
-    """The validated config, with the model path made absolute (replicas may run elsewhere)."""
+    """The validated config, with its paths made absolute (replicas may run in another folder)."""
     cfg = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
-    return cfg.model_copy(update={"model": str(Path(cfg.model).expanduser().resolve())})
+    update: dict[str, Any] = {"model": _absolute(cfg.model)}
+    if cfg.retrieval is not None:
+        paths = {"store_path": _absolute(cfg.retrieval.store_path)}
+        paths["ingest_on_start"] = [_absolute(p) for p in cfg.retrieval.ingest_on_start]
+        update["retrieval"] = cfg.retrieval.model_copy(update=paths)
+    return cfg.model_copy(update=update)
 
 
 def plan_placement(cfg: AppConfig) -> Placement | None:
@@ -48,4 +58,9 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     router = Router.options(num_replicas=cfg.routers, ray_actor_options=cfg.replica_options(cfg.router_resources)).bind(
         config, placement, *shards
     )
-    return Ingress.options(ray_actor_options={"num_cpus": cfg.ingress_resources.num_cpus}).bind(config, router)
+    retriever = None
+    if cfg.retrieval is not None:
+        retriever = Retriever.options(
+            num_replicas=cfg.retrieval.replicas, ray_actor_options=cfg.retrieval.resources.ray_options()
+        ).bind(config)
+    return Ingress.options(ray_actor_options=cfg.ingress_resources.ray_options()).bind(config, router, retriever)

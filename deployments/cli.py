@@ -4,6 +4,7 @@
     moe-serve generate --model DIR --prompt TEXT         complete a raw prompt in this process
     moe-serve run [--config FILE] [--model DIR] ...      serve the OpenAI API on a local Ray cluster
     moe-serve plan --model DIR --gpu-memory GiB ...      size a GPU deployment (shards, routers, KV room)
+    moe-serve ingest PATH... [--url URL] [--delete]     chunk, embed and store files for retrieval (RAG)
     moe-serve loadtest --url URL [--users N] ...         load-test an OpenAI-compatible server, write a report
 
 Heavy imports (torch, transformers, Ray) happen inside each subcommand, so `--help` is instant.
@@ -67,6 +68,8 @@ def _run(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir)
     demo = data_dir / "demo-mixtral"
     app_args.setdefault("model", str(demo))
+    if isinstance(app_args.get("retrieval"), dict):  # the embedded store lives in the data dir too
+        app_args["retrieval"] = {"store_path": str(data_dir / "qdrant"), **app_args["retrieval"]}
     if Path(app_args["model"]).resolve() == demo.resolve() and not (demo / "config.json").exists():
         from serving.demo import make_demo
 
@@ -94,37 +97,70 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from serving.errors import ConfigError
-    from serving.retrieval.ingest import delete_paths, ingest_paths
-    from serving.retrieval.store import RetrievalUnavailableError, UnknownCollectionError, VectorStore
+    from serving.errors import ConfigError, RetrievalUnavailableError, UnknownCollectionError
+    from serving.retrieval.remote import RemoteIngestError
 
-    api_key = None
-    if args.qdrant_api_key_env:
-        api_key = os.environ.get(args.qdrant_api_key_env)
-        if not api_key:
-            print(f"error: --qdrant-api-key-env: ${args.qdrant_api_key_env} is not set", file=sys.stderr)
-            return 2
-    where = dict(path=Path(args.data_dir) / "qdrant", url=args.qdrant_url, api_key=api_key)
     try:
-        if args.delete:
-            with VectorStore(**where) as store:
-                deleted = delete_paths(args.paths, store, args.collection)
-            print(f"deleted {deleted} chunks from {args.collection!r} in {store.location}")
-            return 0
-        missing = [p for p in args.paths if not Path(p).exists()]
-        if missing:  # before the model loads
-            raise FileNotFoundError(f"ingest: {', '.join(missing)} does not exist")
-        from serving.retrieval.embedder import Embedder
-
-        embedder = Embedder()
-        with VectorStore(embedder.dim, **where) as store:
-            report = ingest_paths(args.paths, store, embedder, args.collection)
-        print(f"{args.collection!r} in {store.location}: {report.summary()}")
-        for skipped in report.skipped:
-            print(f"  skipped {skipped}")
-    except (ConfigError, FileNotFoundError, RetrievalUnavailableError, UnknownCollectionError) as e:
+        if args.url:
+            return _ingest_remote(args)
+        return _ingest_local(args)
+    except (ConfigError, FileNotFoundError, RetrievalUnavailableError, UnknownCollectionError, RemoteIngestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _secret(env_var: str | None, flag: str, required: bool) -> str | None:
+    """A key from an environment variable (never from the command line, where `ps` would show it)."""
+    from serving.errors import ConfigError
+
+    value = os.environ.get(env_var) if env_var else None
+    if required and not value:
+        raise ConfigError(f"{flag}: ${env_var} is not set")
+    return value or None
+
+
+def _ingest_local(args: argparse.Namespace) -> int:
+    """Write the embedded store (or a Qdrant server) directly, in this process."""
+    from serving.retrieval.ingest import delete_paths, ingest_paths
+    from serving.retrieval.store import VectorStore
+
+    api_key = _secret(args.qdrant_api_key_env, "--qdrant-api-key-env", required=bool(args.qdrant_api_key_env))
+    where = dict(path=Path(args.data_dir) / "qdrant", url=args.qdrant_url, api_key=api_key)
+    if args.delete:
+        with VectorStore(**where) as store:
+            deleted = delete_paths(args.paths, store, args.collection)
+        print(f"deleted {deleted} chunks from {args.collection!r} in {store.location}")
+        return 0
+    missing = [p for p in args.paths if not Path(p).exists()]
+    if missing:  # before the model loads
+        raise FileNotFoundError(f"ingest: {', '.join(missing)} does not exist")
+    from serving.retrieval.embedder import Embedder
+
+    embedder = Embedder()
+    with VectorStore(embedder.dim, **where) as store:
+        report = ingest_paths(args.paths, store, embedder, args.collection)
+    print(f"{args.collection!r} in {store.location}: {report.summary()}")
+    for skipped in report.skipped:
+        print(f"  skipped {skipped}")
+    return 0
+
+
+def _ingest_remote(args: argparse.Namespace) -> int:
+    """Send the files to a running server's /v1/documents (it chunks, embeds and writes them)."""
+    from serving.retrieval.ingest import read_documents, sources_of
+    from serving.retrieval.remote import delete_sources, send_documents
+
+    api_key = _secret(args.api_key_env, "--api-key-env", required=False)
+    if args.delete:
+        deleted = delete_sources(args.url, sources_of(args.paths), args.collection, api_key=api_key)
+        print(f"deleted {deleted} chunks from {args.collection!r} at {args.url}")
+        return 0
+    documents, skipped = read_documents(args.paths)
+    report = send_documents(args.url, documents, args.collection, api_key=api_key)
+    report.skipped = skipped
+    print(f"{args.collection!r} at {args.url}: {report.summary()}")
+    for line in skipped:
+        print(f"  skipped {line}")
     return 0
 
 
@@ -177,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shards", type=int, help="expert shards (default: 2; 0 keeps experts in the router)")
     run.add_argument("--routers", type=int, help="router replicas (default: 1)")
     run.add_argument("--engine", choices=("native",), help="inference engine (default: native)")
-    run.add_argument("--data-dir", default=".data", help="where the demo checkpoint lives (default: .data)")
+    run.add_argument("--data-dir", default=".data", help="demo checkpoint and Qdrant store (default: .data)")
     run.add_argument("--host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1)")
     run.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     run.set_defaults(func=_run)
@@ -191,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = sub.add_parser("ingest", help="chunk, embed and store .txt/.md files for retrieval (or --delete them)")
     ingest.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (walked recursively)")
     ingest.add_argument("--collection", default="docs", help="Qdrant collection (default: docs)")
+    ingest.add_argument("--url", help="a running moe-serve server: send the files to its /v1/documents")
+    ingest.add_argument("--api-key-env", metavar="VAR", default="MOE_SERVE_ADMIN_KEY",
+                        help="with --url: env var holding an admin key (default: MOE_SERVE_ADMIN_KEY)")  # fmt: skip
     ingest.add_argument("--data-dir", default=".data", help="the embedded store is DATA_DIR/qdrant (default: .data)")
     ingest.add_argument("--qdrant-url", help="a Qdrant server to write to instead of the embedded store")
     ingest.add_argument("--qdrant-api-key-env", metavar="VAR", help="environment variable holding the server's API key")

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serving.engine import EngineConfig
+from serving.retrieval.chunking import DEFAULT_MAX_TOKENS, DEFAULT_OVERLAP_TOKENS
 
 
 class ResourceConfig(BaseModel):
@@ -21,6 +22,48 @@ class ResourceConfig(BaseModel):
 
     num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per replica (fractions allowed).")
     memory_gb: float | None = Field(None, gt=0, description="Memory reserved per replica, GiB (optional).")
+
+    def ray_options(self) -> dict:
+        """ray_actor_options for a CPU-only replica."""
+        options: dict = {"num_cpus": self.num_cpus}
+        if self.memory_gb is not None:
+            options["memory"] = int(self.memory_gb * 2**30)
+        return options
+
+
+class RetrievalConfig(BaseModel):
+    """The Retriever deployment (RAG): an embedder and a Qdrant store, embedded in a folder or a server."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    store_path: str = Field(".data/qdrant", description="Folder of the embedded Qdrant store (without qdrant_url).")
+    qdrant_url: str | None = Field(None, description="A Qdrant server, e.g. http://qdrant:6333 (replicas may scale).")
+    qdrant_api_key_env: str | None = Field(
+        "QDRANT_API_KEY", description="Env var holding the server's API key (read in the Retriever replica)."
+    )
+    collection: str = Field("docs", min_length=1, description="Collection used when a request names none.")
+    embedding_model: str | None = Field(
+        None, description="A sentence-transformers model folder; default: all-MiniLM-L6-v2 (bundled)."
+    )
+    chunk_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=16, description="Largest chunk, in embedding-model tokens.")
+    overlap_tokens: int = Field(DEFAULT_OVERLAP_TOKENS, ge=0, description="Tokens a chunk repeats from the last.")
+    timeout_s: float = Field(2.0, gt=0, le=60, description="Longest a search may take, hop included; then 503.")
+    ingest_on_start: list[str] = Field(
+        default_factory=list, description="Files/folders ingested into `collection` when it is missing or empty."
+    )
+    replicas: int = Field(1, ge=1, description="Retriever replicas; more than 1 needs qdrant_url.")
+    resources: ResourceConfig = Field(default_factory=lambda: ResourceConfig(num_cpus=0.25))
+
+    @model_validator(mode="after")
+    def _one_owner(self) -> RetrievalConfig:
+        if self.replicas > 1 and self.qdrant_url is None:
+            raise ValueError(
+                f"retrieval.replicas={self.replicas} with the embedded store: only one process may open "
+                f"{self.store_path}; set retrieval.qdrant_url to a Qdrant server to scale out, or use 1 replica"
+            )
+        if self.overlap_tokens >= self.chunk_tokens:
+            raise ValueError(f"retrieval.overlap_tokens={self.overlap_tokens} must be < chunk_tokens")
+        return self
 
 
 class AppConfig(BaseModel):
@@ -53,8 +96,13 @@ class AppConfig(BaseModel):
     ingress_resources: ResourceConfig = Field(default_factory=lambda: ResourceConfig(num_cpus=0.25))
     api_keys_env: str = Field("MOE_SERVE_API_KEYS", description="Env var with comma-separated API keys.")
     api_keys_file: str | None = Field(None, description="File with one API key per line (e.g. a mounted Secret).")
+    admin_keys_env: str = Field(
+        "MOE_SERVE_ADMIN_KEYS", description="Env var with comma-separated admin keys (they may also write documents)."
+    )
+    admin_keys_file: str | None = Field(None, description="File with one admin key per line.")
     auth: bool = Field(False, description="Require `Authorization: Bearer <key>` on /v1 routes.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body; larger ones get 413.")
+    retrieval: RetrievalConfig | None = Field(None, description="RAG: the Retriever deployment; null: no retrieval.")
 
     @model_validator(mode="after")
     def _placement_fits(self) -> AppConfig:
@@ -72,13 +120,12 @@ class AppConfig(BaseModel):
     def total_cpus(self) -> float:
         """Logical CPUs all replicas reserve together (a local cluster needs at least this many)."""
         shards = self.shards * self.shard_replicas * self.shard_resources.num_cpus
-        return self.routers * self.router_resources.num_cpus + shards + self.ingress_resources.num_cpus
+        retriever = self.retrieval.replicas * self.retrieval.resources.num_cpus if self.retrieval else 0.0
+        return self.routers * self.router_resources.num_cpus + shards + self.ingress_resources.num_cpus + retriever
 
     def replica_options(self, resources: ResourceConfig) -> dict:
         """ray_actor_options for a router or shard replica."""
-        options: dict = {"num_cpus": resources.num_cpus}
+        options = resources.ray_options()
         if self.accelerator == "gpu":
             options["num_gpus"] = 1
-        if resources.memory_gb is not None:
-            options["memory"] = int(resources.memory_gb * 2**30)
         return options

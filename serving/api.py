@@ -5,9 +5,12 @@
 ...                 api_keys=load_api_keys())
 >>> uvicorn.run(app)            # or, in deployments/: @serve.ingress(app)
 
-Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /healthz (no API key).
-/v1/completions encodes a string prompt with `tokenizer.encode` (no special tokens, as `moe-serve
-generate --prompt`); /v1/chat/completions renders the messages with the checkpoint's chat template.
+Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /healthz (no API key),
+and with `retrieval` the RAG routes of serving/api_retrieval.py (/v1/retrieve, /v1/documents,
+/v1/collections). /v1/completions encodes a string prompt with `tokenizer.encode` (no special tokens,
+as `moe-serve generate --prompt`); /v1/chat/completions renders the messages with the checkpoint's chat
+template. A request with a `retrieval` field gets the retrieved passages fused into its prompt by
+serving/retrieval/rag.py (a system message for chat, a prefix for a raw prompt) before it is encoded.
 Streams are server-sent events (`data: {json}` ... `data: [DONE]`); a failure after the stream began
 is sent as a `data: {"error": {...}}` event before [DONE]. A client that disconnects, streaming or
 not, aborts its engine request. Request fields and errors: `serving/protocol.py`, `serving/api_errors.py`.
@@ -20,7 +23,8 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -32,9 +36,10 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from serving.api_errors import APIError, Guard, install_error_handlers
+from serving.api_retrieval import Retrieval, install_retrieval_routes, retrieval_off
 from serving.api_stream import Started, chat_events, completion_events
 from serving.engine import RequestOutput
-from serving.errors import ConfigError
+from serving.errors import ConfigError, RequestError
 from serving.protocol import ChatCompletionRequest, CompletionRequest
 from serving.protocol_logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from serving.protocol_responses import (
@@ -47,6 +52,9 @@ from serving.protocol_responses import (
     ModelList,
     Usage,
 )
+from serving.protocol_retrieval import RetrievalInfo
+from serving.retrieval.rag import fuse
+from serving.retrieval.store import Passage
 from serving.sampling import SamplingParams, TokenLogprobs
 from serving.tokenizer import Tokenizer
 
@@ -111,9 +119,16 @@ async def _disconnected(receive: Receive) -> None:
 class _Api:
     """The routes' logic; one per app, holding what they share (no module globals)."""
 
-    def __init__(self, client: EngineClient, tokenizer: Tokenizer, model_name: str, max_model_len: int):
+    def __init__(
+        self,
+        client: EngineClient,
+        tokenizer: Tokenizer,
+        model_name: str,
+        max_model_len: int,
+        retrieval: Retrieval | None,
+    ):
         self.client, self.tokenizer, self.model_name = client, tokenizer, model_name
-        self.max_model_len = max_model_len
+        self.max_model_len, self.retrieval = max_model_len, retrieval
         self.texts = TokenTexts(tokenizer)
         self.created = int(time.time())
 
@@ -123,10 +138,13 @@ class _Api:
 
     async def completion(self, req: CompletionRequest, request: Request) -> Response:
         self._check_model(req.model)
-        prompt_ids = self.tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else req.prompt
-        params = req.sampling_params(len(prompt_ids), self.max_model_len)
+        passages, info = await self._context(req)
+        prompt = fuse(req.prompt, passages) if passages else req.prompt
+        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        started = await self._start(prompt_ids, params, request_id)
+        with _rag_hint(info):
+            params = req.sampling_params(len(prompt_ids), self.max_model_len)
+            started = await self._start(prompt_ids, params, request_id)
         try:  # decoded only now that the engine has checked the ids
             echo = self._echo(req.prompt) if req.echo else ""
         except BaseException:
@@ -142,6 +160,7 @@ class _Api:
                 echo,
                 req.logprobs is not None,
                 req.include_usage,
+                info,
             )
             return _SSEResponse(events, started.aclose)
         result = await self._collect(started, request.receive)
@@ -150,18 +169,27 @@ class _Api:
         logprobs = completion_logprobs(result.logprobs, self.texts, len(echo)) if req.logprobs is not None else None
         choice = CompletionChoice(text=echo + result.text, logprobs=logprobs, finish_reason=result.finish_reason)
         return _json(
-            Completion(id=request_id, created=created, model=self.model_name, choices=[choice], usage=result.usage)
+            Completion(
+                id=request_id,
+                created=created,
+                model=self.model_name,
+                choices=[choice],
+                usage=result.usage,
+                retrieval=info,
+            )  # fmt: skip
         )
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
         self._check_model(req.model)
-        prompt_ids = self.tokenizer.apply_chat_template(req.template_messages())
-        params = req.sampling_params(len(prompt_ids), self.max_model_len)
+        passages, info = await self._context(req)
+        prompt_ids = self.tokenizer.apply_chat_template(fuse(req.template_messages(), passages))
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        started = await self._start(prompt_ids, params, request_id)
+        with _rag_hint(info):
+            params = req.sampling_params(len(prompt_ids), self.max_model_len)
+            started = await self._start(prompt_ids, params, request_id)
         if req.stream:
             events = chat_events(
-                started, request_id, created, self.model_name, self.texts, req.logprobs, req.include_usage
+                started, request_id, created, self.model_name, self.texts, req.logprobs, req.include_usage, info
             )
             return _SSEResponse(events, started.aclose)
         result = await self._collect(started, request.receive)
@@ -173,8 +201,25 @@ class _Api:
             finish_reason=result.finish_reason,
         )
         return _json(
-            ChatCompletion(id=request_id, created=created, model=self.model_name, choices=[choice], usage=result.usage)
+            ChatCompletion(
+                id=request_id,
+                created=created,
+                model=self.model_name,
+                choices=[choice],
+                usage=result.usage,
+                retrieval=info,
+            )  # fmt: skip
         )
+
+    async def _context(
+        self, req: CompletionRequest | ChatCompletionRequest
+    ) -> tuple[list[Passage], RetrievalInfo | None]:
+        """The passages to fuse into the request's prompt (none without a `retrieval` field)."""
+        if req.retrieval is None:
+            return [], None
+        if self.retrieval is None:
+            raise retrieval_off("retrieval")
+        return await self.retrieval.context(req.retrieval, req.retrieval_query())
 
     def _echo(self, prompt: str | list[int]) -> str:
         return prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt, skip_special_tokens=False)
@@ -225,19 +270,22 @@ def build_api(
     model_name: str,
     *,
     api_keys: frozenset[str] = frozenset(),
+    admin_keys: frozenset[str] = frozenset(),
     max_body_bytes: int = 1 << 20,
     max_model_len: int,
+    retrieval: Retrieval | None = None,
 ) -> FastAPI:
-    """The OpenAI-compatible app serving `model_name` from `client`.
+    """The OpenAI-compatible app serving `model_name` from `client`, with RAG through `retrieval` if given.
 
     `max_model_len` is the context the engine enforces (prompt and output together); a chat request
-    without max_tokens may use all of it. With `api_keys` non-empty every route but /healthz needs
-    `Authorization: Bearer <one of them>`. Bodies over `max_body_bytes` get 413.
+    without max_tokens may use all of it. With keys configured every route but /healthz needs
+    `Authorization: Bearer <key>`: an admin key opens every route, an API key all but the writes to the
+    document store (POST/DELETE /v1/documents). Bodies over `max_body_bytes` get 413.
     """
-    api = _Api(client, tokenizer, model_name, max_model_len)
+    api = _Api(client, tokenizer, model_name, max_model_len, retrieval)
     app = FastAPI(title="moe-serve", summary="OpenAI-compatible API for Mixture-of-Experts models")
     install_error_handlers(app)
-    app.add_middleware(Guard, api_keys=api_keys, max_body_bytes=max_body_bytes)
+    app.add_middleware(Guard, api_keys=api_keys, admin_keys=admin_keys, max_body_bytes=max_body_bytes)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -255,7 +303,20 @@ def build_api(
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await api.chat(body, request)
 
+    install_retrieval_routes(app, retrieval)
     return app
+
+
+@contextmanager
+def _rag_hint(info: RetrievalInfo | None) -> Iterator[None]:
+    """A prompt that retrieved passages made too long: say so, and what to change."""
+    try:
+        yield
+    except RequestError as exc:
+        if info is None or not info.used:
+            raise
+        hint = f"the prompt includes {len(info.sources)} retrieved passages: lower retrieval.top_k"
+        raise RequestError(f"{exc} ({hint})") from None
 
 
 def load_api_keys(env_var: str = "MOE_SERVE_API_KEYS", file: str | None = None) -> frozenset[str]:

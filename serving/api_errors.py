@@ -10,11 +10,13 @@ field, never a 500, and the app keeps serving.
 |---|---|---|
 | 400 | invalid JSON or field, engine RequestError (prompt too long, ...) | invalid_request_error |
 | 401 | keys configured, `Authorization: Bearer <key>` missing or wrong | invalid_request_error / invalid_api_key |
-| 404 | unknown route or model | invalid_request_error / model_not_found |
+| 403 | a write route (ADMIN_ROUTES) with a key that is not an admin key | invalid_request_error / admin_key_required |
+| 404 | unknown route, model or collection; retrieval routes when retrieval is off | model_not_found, ... |
 | 405 | wrong method for a route | invalid_request_error |
 | 413 | body over max_body_bytes (Content-Length or bytes actually sent) | invalid_request_error / request_too_large |
 | 429 | engine queue full (EngineOverloadedError); has Retry-After | rate_limit_error / engine_overloaded |
 | 503 | engine shut down or shutting down (EngineStoppedError); has Retry-After | server_error / engine_stopped |
+| 503 | vector store unreachable or slow (RetrievalUnavailableError); has Retry-After | retrieval_unavailable |
 | 500 | a bug: logged, generic message | server_error |
 """
 
@@ -32,13 +34,20 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.errors import EngineOverloadedError, EngineStoppedError, RequestError
+from serving.errors import (
+    EngineOverloadedError,
+    EngineStoppedError,
+    RequestError,
+    RetrievalUnavailableError,
+    UnknownCollectionError,
+)
 from serving.protocol import ErrorInfo, ErrorResponse
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 1  # what a 429 asks the client to wait
 OPEN_PATHS = frozenset({"/healthz"})  # answered without an API key (liveness probes)
+ADMIN_ROUTES = frozenset({("POST", "/v1/documents"), ("DELETE", "/v1/documents")})  # need an admin key
 INVALID = "invalid_request_error"
 
 
@@ -75,6 +84,11 @@ def as_api_error(exc: Exception) -> APIError:
     if isinstance(exc, EngineStoppedError):
         headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
         return APIError(503, str(exc), type="server_error", code="engine_stopped", headers=headers)
+    if isinstance(exc, RetrievalUnavailableError):
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        return APIError(503, str(exc), type="server_error", code="retrieval_unavailable", headers=headers)
+    if isinstance(exc, UnknownCollectionError):
+        return APIError(404, str(exc), param="collection", code="collection_not_found")
     return APIError(500, "internal server error; the request was not completed", type="server_error")
 
 
@@ -119,7 +133,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_http(request: Request, exc: HTTPException) -> JSONResponse:
         where = f"{request.method} {request.url.path}"
         if exc.status_code == 404:
-            message = f"no route {where}; this server has /v1/models, /v1/completions, /v1/chat/completions, /healthz"
+            message = f"no route {where}; this server has {', '.join(_paths(request))}"
         elif exc.status_code == 405:
             allowed = (exc.headers or {}).get("Allow", "")
             message = f"method {request.method} is not allowed on {request.url.path}; use {allowed}"
@@ -132,18 +146,31 @@ def install_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(HTTPException, on_http)
-    for cls in (APIError, RequestError, EngineOverloadedError, EngineStoppedError):
+    for cls in (
+        APIError,
+        RequestError,
+        EngineOverloadedError,
+        EngineStoppedError,
+        RetrievalUnavailableError,
+        UnknownCollectionError,
+    ):
         app.add_exception_handler(cls, on_engine)
 
 
 class Guard:
     """ASGI middleware for HTTP requests: checks the API key (except on OPEN_PATHS), reads the body up to
     `max_body_bytes` (413 past it, whatever Content-Length said), and turns an unhandled exception into a
-    logged 500 in OpenAI's JSON, so a bug in one request never takes the server down."""
+    logged 500 in OpenAI's JSON, so a bug in one request never takes the server down.
 
-    def __init__(self, app: ASGIApp, api_keys: frozenset[str], max_body_bytes: int):
+    Authentication is on when any key is configured. `admin_keys` open every route; `api_keys` open
+    every route but ADMIN_ROUTES (the writes to the document store), which answer 403 to them."""
+
+    def __init__(
+        self, app: ASGIApp, api_keys: frozenset[str], max_body_bytes: int, admin_keys: frozenset[str] = frozenset()
+    ):
         self.app, self.max_body_bytes = app, max_body_bytes
-        self._keys = [k.encode() for k in sorted(api_keys)]
+        self._admin = [k.encode() for k in sorted(admin_keys)]
+        self._keys = [k.encode() for k in sorted(api_keys)] + self._admin
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -186,8 +213,13 @@ class Guard:
         if scheme.lower() != "bearer" or not key.strip():
             raise self._unauthorized("missing API key: send the header 'Authorization: Bearer <key>'")
         sent = key.strip().encode()
-        if not any([hmac.compare_digest(sent, k) for k in self._keys]):  # a list: compare with every key
+        if not _matches(sent, self._keys):
             raise self._unauthorized("invalid API key")
+        if (scope["method"], path) in ADMIN_ROUTES and not _matches(sent, self._admin):
+            raise APIError(
+                403, f"{scope['method']} {path} changes the document store and needs an admin key "
+                "(AppConfig admin_keys_env / admin_keys_file); this key is an API key", code="admin_key_required",
+            )  # fmt: skip
 
     @staticmethod
     def _unauthorized(message: str) -> APIError:
@@ -215,3 +247,13 @@ class Guard:
             chunks.append(chunk)
             more = message.get("more_body", False)
         return b"".join(chunks)
+
+
+def _matches(sent: bytes, keys: list[bytes]) -> bool:
+    """Whether `sent` is one of `keys`, in time that does not depend on which one (or how much of one) matched."""
+    return any([hmac.compare_digest(sent, k) for k in keys])  # a list: compare with every key
+
+
+def _paths(request: Request) -> list[str]:
+    """The app's routes, for a 404's message."""
+    return sorted({route.path for route in request.app.routes if route.path.startswith(("/v1", "/healthz"))})

@@ -5,7 +5,8 @@
 >>> [e async for e in events]   # ['data: {..."delta":{"role":"assistant","content":""}...}\\n\\n', ...,
 ...                             #  'data: [DONE]\\n\\n']
 
-Order, as OpenAI: (chat) a first chunk with the role; chunks with text deltas (a delta with no text is
+Order, as OpenAI: (extension, only for requests with `retrieval`) a chunk with empty choices and the
+retrieved sources; (chat) a chunk with the role; chunks with text deltas (a delta with no text is
 skipped unless it carries logprobs or the finish_reason); with include_usage a last chunk with empty
 choices and the usage; then [DONE]. A failure mid-stream is sent as `data: {"error": {...}}`, then [DONE].
 """
@@ -30,6 +31,7 @@ from serving.protocol_responses import (
     Delta,
     Usage,
 )
+from serving.protocol_retrieval import RetrievalInfo
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +86,18 @@ def completion_events(
     echo: str,
     logprobs: bool,
     include_usage: bool,
+    retrieval: RetrievalInfo | None = None,
 ) -> AsyncIterator[str]:
     """The /v1/completions stream; `echo` (the prompt text, or "") comes first."""
 
-    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
-        return _event(CompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage))
+    def chunk(choices: list[CompletionChoice], usage: Usage | None = None, **extra) -> str:
+        body = CompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage, **extra)
+        return _event(body)
 
     async def chunks() -> AsyncIterator[str]:
         offset, last = len(echo), started.first
+        if retrieval is not None:
+            yield chunk([], retrieval=retrieval)
         if echo:
             yield chunk([CompletionChoice(text=echo)])
         async for out in started:
@@ -114,14 +120,18 @@ def chat_events(
     texts: TokenTexts,
     logprobs: bool,
     include_usage: bool,
+    retrieval: RetrievalInfo | None = None,
 ) -> AsyncIterator[str]:
     """The /v1/chat/completions stream."""
 
-    def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
-        return _event(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage))
+    def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None, **extra) -> str:
+        body = ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage, **extra)
+        return _event(body)
 
     async def chunks() -> AsyncIterator[str]:
         last = started.first
+        if retrieval is not None:
+            yield chunk([], retrieval=retrieval)
         yield chunk([ChatChunkChoice(delta=Delta(role="assistant", content=""))])
         async for out in started:
             last = out

@@ -23,3 +23,11 @@ class EngineOverloadedError(RuntimeError):
 
 class EngineStoppedError(RuntimeError):
     """The engine has shut down (or is shutting down); the caller should retry on another replica (HTTP 503)."""
+
+
+class RetrievalUnavailableError(RuntimeError):
+    """The vector store cannot be reached or opened now (server down, timeout, folder locked); retry later (503)."""
+
+
+class UnknownCollectionError(LookupError):
+    """A collection that does not exist; the message names it and the ones that do (HTTP 404)."""

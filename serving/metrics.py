@@ -8,6 +8,7 @@ route, status, shard, layer, expert), never a request id. What measures what:
     engine step, queue, KV    LLMEngine.record_step, once per engine step
     tokens per expert         RoutingCounter, counting the gate's choices per (layer, expert)
     dispatch per shard        the shard transport (deployments/transport.py)
+    retrieval latency, errors the API's retrieval calls (serving/api_retrieval.py), hop to the Retriever included
 
 The definitions follow vLLM's serving benchmark: TTFT is the time from receiving the request to its
 first output token; ITL is each gap between successive output tokens; end-to-end is receipt to last token.
@@ -65,9 +66,14 @@ DISPATCH = Metric("moe_dispatch_seconds", "histogram", "One MoE layer's call to 
                   labels=("model", "shard"), buckets=STEP_BUCKETS)  # fmt: skip
 HTTP_REQUESTS = Metric("moe_http_requests_total", "counter", "HTTP requests by route and status code.",
                        labels=("model", "route", "status"))  # fmt: skip
+RETRIEVAL = Metric("moe_retrieval_seconds", "histogram", "One search: embed the query and search Qdrant, as the "
+                   "API waits for it.", buckets=LATENCY_BUCKETS)  # fmt: skip
+RETRIEVAL_ERRORS = Metric("moe_retrieval_errors_total", "counter", "Searches that failed, by reason "
+                          "(unavailable, timeout, unknown_collection, bad_request).",
+                          labels=("model", "reason"))  # fmt: skip
 
 ALL = (TTFT, ITL, E2E, QUEUE, PROMPT_TOKENS, GENERATED_TOKENS, RUNNING, WAITING, KV_USAGE, STEP, BATCH,
-       EXPERT_TOKENS, DISPATCH, HTTP_REQUESTS)  # fmt: skip
+       EXPERT_TOKENS, DISPATCH, HTTP_REQUESTS, RETRIEVAL, RETRIEVAL_ERRORS)  # fmt: skip
 
 
 class MetricsSink(Protocol):

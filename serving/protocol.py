@@ -7,7 +7,8 @@ Which fields are accepted (a field not listed here is refused with a 400 naming 
 - supported: model, max_tokens (chat also max_completion_tokens), temperature (0..2), top_p, stop (up to 4),
   seed, stream, stream_options.include_usage, user (ignored), and per route: completions prompt, echo,
   logprobs (0..5); chat messages (system/user/assistant, string or text-part content), logprobs (bool),
-  top_logprobs (0..20). Extensions, as in vLLM: top_k, ignore_eos.
+  top_logprobs (0..20). Extensions, as in vLLM: top_k, ignore_eos; ours: retrieval (RAG, see
+  serving/protocol_retrieval.py).
 - accepted only at their no-op value, because clients send them by default: n=1, best_of=1,
   frequency_penalty=0, presence_penalty=0, logit_bias={} / null, response_format={"type": "text"}, suffix=null.
   Any other value is a 400 that names the field.
@@ -25,6 +26,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
 from serving.errors import RequestError
+from serving.protocol_retrieval import RetrievalOptions
 from serving.sampling import MAX_LOGPROBS, SamplingParams
 
 MAX_STOP_STRINGS = 4  # as OpenAI
@@ -97,6 +99,9 @@ class _SamplingRequest(_Strict):
     presence_penalty: float | None = Field(None, description="Only 0 (penalties are not implemented).")
     logit_bias: dict[str, float] | None = Field(None, description="Only empty.")
     response_format: ResponseFormat | None = Field(None, description='Only {"type": "text"}.')
+    retrieval: RetrievalOptions | None = Field(
+        None, description="Extension: retrieve passages and put them in the prompt (RAG); omitted: no retrieval."
+    )
 
     @field_validator("stop")
     @classmethod
@@ -210,6 +215,12 @@ class CompletionRequest(_SamplingRequest):
     def _logprobs(self) -> int | None:
         return self.logprobs
 
+    def retrieval_query(self) -> str:
+        """What retrieval searches for: the prompt text."""
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise RequestError("retrieval: needs a text prompt to search for (not token ids, not blank)")
+        return self.prompt
+
 
 class ChatCompletionRequest(_SamplingRequest):
     """POST /v1/chat/completions: messages rendered with the checkpoint's chat template."""
@@ -246,6 +257,13 @@ class ChatCompletionRequest(_SamplingRequest):
     def template_messages(self) -> list[dict[str, str]]:
         """The messages as the chat template takes them."""
         return [{"role": m.role, "content": m.content} for m in self.messages]
+
+    def retrieval_query(self) -> str:
+        """What retrieval searches for: the last user message."""
+        for m in reversed(self.messages):
+            if m.role == "user" and m.content.strip():
+                return m.content
+        raise RequestError("retrieval: needs a non-empty user message to search for")
 
 
 class ErrorInfo(BaseModel):

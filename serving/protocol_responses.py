@@ -5,7 +5,8 @@
 
 Field names and nesting follow OpenAI exactly, so the official clients parse them; `system_fingerprint`
 is always null. Stream chunks carry `usage: null` except the last one when stream_options.include_usage
-is set, which has empty `choices` and the totals.
+is set, which has empty `choices` and the totals. Extension: `retrieval` (what RAG retrieved) on a
+whole response, and on a stream's first chunk (empty `choices`), only for requests that asked for it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, Field
+
+from serving.protocol_retrieval import RetrievalInfo
 
 FinishReason = Literal["stop", "length"]
 
@@ -75,6 +78,7 @@ class Completion(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage | None = None  # always set on a whole completion; on chunks only the usage chunk's
     system_fingerprint: None = None
+    retrieval: RetrievalInfo | None = Field(None, exclude_if=_is_none)  # extension: requests with `retrieval`
 
 
 CompletionChunk = Completion  # OpenAI streams the same object, with text deltas
@@ -103,6 +107,7 @@ class ChatCompletion(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: None = None
+    retrieval: RetrievalInfo | None = Field(None, exclude_if=_is_none)  # extension: requests with `retrieval`
 
 
 class Delta(BaseModel):
@@ -127,6 +132,7 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
     system_fingerprint: None = None
+    retrieval: RetrievalInfo | None = Field(None, exclude_if=_is_none)  # extension: requests with `retrieval`
 
 
 # -- /v1/models -------------------------------------------------------------------------------------

@@ -18,12 +18,13 @@ its chunks in place; afterwards the chunks with index >= the new count (a file t
 are deleted. Doing it in this order, rather than deleting the file's chunks first, means a search
 running meanwhile always finds the file (old or new text) and a failed ingest never leaves it empty.
 All files are read and chunked before anything is written, so a bad file fails the ingest untouched.
+`ingest_documents` does the same for texts that are not files (the HTTP route POST /v1/documents).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,6 +91,31 @@ def _walk(folder: Path) -> Iterator[Path]:
             yield entry
 
 
+@dataclass(frozen=True)
+class Document:
+    """One text to ingest, named by its `source` (a file's relative path, or any stable name)."""
+
+    source: str
+    text: str
+
+
+def read_documents(paths: Iterable[str | Path], root: Path | None = None) -> tuple[list[Document], list[str]]:
+    """The .txt/.md files under `paths` as documents (each file once), and the files skipped, with why."""
+    documents: dict[str, Document] = {}
+    skipped = []
+    for path, source in find_files(paths, root):
+        if source in documents:  # the same file reached twice (a folder and a file in it)
+            continue
+        if source is None:
+            skipped.append(f"{path} (not {'/'.join(SUFFIXES)})")
+            continue
+        try:
+            documents[source] = Document(source, path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            skipped.append(f"{path} (not UTF-8: {exc.reason} at byte {exc.start})")
+    return list(documents.values()), skipped
+
+
 def ingest_paths(
     paths: Iterable[str | Path],
     store: VectorStore,
@@ -102,30 +128,47 @@ def ingest_paths(
     progress: bool = True,
 ) -> IngestReport:
     """Chunk, embed and write every .txt/.md file under `paths` into `collection` (created if missing)."""
+    started = time.perf_counter()
+    documents, skipped = read_documents(paths, root)
+    report = ingest_documents(
+        documents, store, embedder, collection, max_tokens=max_tokens, overlap_tokens=overlap_tokens, progress=progress
+    )
+    report.skipped = skipped
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def ingest_documents(
+    documents: Sequence[Document],
+    store: VectorStore,
+    embedder: Embedder,
+    collection: str,
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    overlap_tokens: int = DEFAULT_OVERLAP_TOKENS,
+    progress: bool = False,
+) -> IngestReport:
+    """Chunk, embed and write `documents` into `collection` (created if missing), replacing what their
+    sources held before. Sources must be unique and non-empty (ValueError names the offender)."""
     if max_tokens > embedder.max_tokens:
         raise ConfigError(
             f"chunk max_tokens={max_tokens} is more than the embedding model {embedder.name} reads "
             f"({embedder.max_tokens} tokens): lower it"
         )
     started = time.perf_counter()
-    report = IngestReport()
     counts: dict[str, int] = {}  # source -> its new number of chunks
     chunks: list[Chunk] = []
-    for path, source in find_files(paths, root):
-        if source in counts:  # the same file reached twice (a folder and a file in it)
-            continue
-        if source is None:
-            report.skipped.append(f"{path} (not {'/'.join(SUFFIXES)})")
-            continue
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            report.skipped.append(f"{path} (not UTF-8: {exc.reason} at byte {exc.start})")
-            continue
-        new = chunk_text(text, source, embedder.count_tokens, max_tokens=max_tokens, overlap_tokens=overlap_tokens)
-        counts[source] = len(new)
+    for doc in documents:
+        if not doc.source.strip():
+            raise ValueError("a document's source must not be empty")
+        if doc.source in counts:
+            raise ValueError(f"source {doc.source!r} is given twice; send each document once")
+        new = chunk_text(
+            doc.text, doc.source, embedder.count_tokens, max_tokens=max_tokens, overlap_tokens=overlap_tokens
+        )
+        counts[doc.source] = len(new)
         chunks.extend(new)
-    report.files = len(counts)
+    report = IngestReport(files=len(counts))
 
     store.ensure_collection(collection)
     with tqdm(total=len(chunks), unit="chunk", desc=f"ingest into {collection}", disable=not progress) as bar:
@@ -133,7 +176,7 @@ def ingest_paths(
             batch = chunks[start : start + BATCH]
             store.upsert(collection, batch, embedder.embed([c.text for c in batch]))
             bar.update(len(batch))
-    for source, count in counts.items():  # a file that got shorter: its old tail
+    for source, count in counts.items():  # a document that got shorter (or empty): its old tail
         report.stale_deleted += store.delete_source(collection, source, min_chunk=count)
     report.chunks = len(chunks)
     report.seconds = time.perf_counter() - started
@@ -141,10 +184,13 @@ def ingest_paths(
 
 
 def delete_paths(paths: Iterable[str | Path], store: VectorStore, collection: str, *, root: Path | None = None) -> int:
-    """Delete the chunks of every .txt/.md file under `paths` from `collection`; returns how many.
+    """Delete the chunks of every .txt/.md file under `paths` from `collection`; returns how many."""
+    return sum(store.delete_source(collection, source) for source in sources_of(paths, root))
 
-    A path that no longer exists on disk is taken as one file's source (relative to `root`).
-    """
+
+def sources_of(paths: Iterable[str | Path], root: Path | None = None) -> list[str]:
+    """The sources of the .txt/.md files under `paths`, as ingest names them. A path that no longer
+    exists on disk is taken as one file's source (relative to `root`)."""
     root = (root or Path.cwd()).resolve()
     sources = []
     for given in map(Path, paths):
@@ -152,4 +198,4 @@ def delete_paths(paths: Iterable[str | Path], store: VectorStore, collection: st
             sources += [source for _, source in find_files([given], root) if source is not None]
         else:
             sources.append(source_for(given, root, given.resolve().parent))
-    return sum(store.delete_source(collection, source) for source in sources)
+    return sources

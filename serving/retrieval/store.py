@@ -37,20 +37,12 @@ import numpy as np
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from serving.errors import ConfigError
+from serving.errors import ConfigError, RetrievalUnavailableError, UnknownCollectionError
 from serving.retrieval.chunking import Chunk
 
 DISTANCE = models.Distance.COSINE
 DEFAULT_TIMEOUT_S = 5.0
 UPSERT_BATCH = 256  # points per request: keeps a request far below the server's 32 MiB body limit
-
-
-class RetrievalUnavailableError(RuntimeError):
-    """The vector store cannot be reached or opened now (server down, timeout, folder locked); retry later."""
-
-
-class UnknownCollectionError(LookupError):
-    """A collection that does not exist; the message names it and the ones that do."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +88,8 @@ class VectorStore:
         except RuntimeError as exc:  # the embedded store's folder lock is held by another client
             raise RetrievalUnavailableError(
                 f"the embedded Qdrant store in {path} is open in another process or client ({exc}); "
-                "only one may open it: stop the other one, or use a Qdrant server (url) to share a store"
+                "only one may open it: stop the other one, send the documents to the running server "
+                "(`moe-serve ingest --url`), or use a Qdrant server (url) to share a store"
             ) from exc
 
     @contextlib.contextmanager

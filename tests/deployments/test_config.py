@@ -61,3 +61,20 @@ def test_demo_config_fits_a_two_core_machine():
     """`serve run configs/demo.yaml` starts a cluster with one logical CPU per core."""
     [app] = yaml.safe_load((REPO / "configs/demo.yaml").read_text())["applications"]
     assert AppConfig.model_validate(app["args"]).total_cpus() <= 2
+
+
+def test_embedded_store_allows_one_retriever_a_qdrant_server_many():
+    with pytest.raises(ValidationError, match=r"retrieval.replicas=2 with the embedded store.*qdrant_url"):
+        AppConfig.model_validate({"model": "x", "retrieval": {"replicas": 2}})
+    cfg = AppConfig.model_validate({"model": "x", "retrieval": {"replicas": 3, "qdrant_url": "http://qdrant:6333"}})
+    assert cfg.retrieval.replicas == 3
+    assert cfg.total_cpus() == AppConfig.model_validate({"model": "x"}).total_cpus() + 3 * 0.25
+
+
+def test_retrieval_paths_are_made_absolute_for_replicas_elsewhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = validate({"model": "m", "retrieval": {"store_path": "store", "ingest_on_start": ["docs", "README.md"]}})
+    assert cfg.retrieval.store_path == str(tmp_path / "store")
+    assert cfg.retrieval.ingest_on_start == [str(tmp_path / "docs"), str(tmp_path / "README.md")]
+    with pytest.raises(ValidationError, match="overlap_tokens=64 must be < chunk_tokens"):
+        AppConfig.model_validate({"model": "x", "retrieval": {"chunk_tokens": 64, "overlap_tokens": 64}})

@@ -212,6 +212,8 @@ def test_serve_config_is_valid_for_ray_and_for_our_app(overlay):
     assert app["import_path"] == "deployments.app:build_app"
     cfg = AppConfig.model_validate(app["args"])
     assert cfg.auth and cfg.api_keys_file == "/etc/moe-serve/api-keys/keys"
+    assert cfg.admin_keys_file == "/etc/moe-serve/api-keys/admin-keys"
+    assert cfg.retrieval is not None and cfg.retrieval.qdrant_url == "http://qdrant:6333"
     assert cfg.model.startswith("/models/")
 
 
@@ -219,11 +221,14 @@ def test_serve_config_is_valid_for_ray_and_for_our_app(overlay):
 def test_cpu_demo_serves_the_args_of_configs_demo_yaml():
     [local] = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["applications"]
     [k8s] = serve_config("cpu-demo")["applications"]
-    differ = {"model", "auth", "api_keys_file"}  # the volume path, and auth on inside a shared cluster
+    # the volume path, auth on inside a shared cluster, and the Qdrant server instead of the embedded store
+    differ = {"model", "auth", "api_keys_file", "admin_keys_file", "retrieval"}
     assert {k: v for k, v in k8s["args"].items() if k not in differ} == {
         k: v for k, v in local["args"].items() if k not in differ
     }
     assert k8s["args"]["model"] == "/models/demo-mixtral"
+    assert k8s["args"]["retrieval"]["collection"] == local["args"]["retrieval"]["collection"]
+    assert k8s["args"]["retrieval"]["qdrant_url"] == "http://qdrant:6333"
     make_demo = one(render("cpu-demo"), "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]
     assert "/models/demo-mixtral" in make_demo["template"]["spec"]["initContainers"][0]["command"]
 
@@ -255,7 +260,8 @@ def test_worker_groups_hold_every_replica(overlay):
         needs = max(cfg.router_resources.num_cpus, cfg.shard_resources.num_cpus)
         spare = sum((float(limits[name]["cpu"]) - needs) * g["replicas"] for name, g in groups.items())
         assert min(float(limits[name]["cpu"]) for name in groups) >= needs
-        assert spare >= cfg.ingress_resources.num_cpus, "no CPU left on the GPU pods for the Ingress"
+        retriever = cfg.retrieval.replicas * cfg.retrieval.resources.num_cpus if cfg.retrieval else 0
+        assert spare >= cfg.ingress_resources.num_cpus + retriever, "no CPU left on the GPU pods for Ingress, Retriever"
     else:
         cpus = sum(float(limits[name]["cpu"]) * g["replicas"] for name, g in groups.items())
         assert cpus >= cfg.total_cpus(), f"worker CPUs {cpus} < the {cfg.total_cpus()} the replicas reserve"

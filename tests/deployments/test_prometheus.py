@@ -79,10 +79,11 @@ def metric(name: str, **labels: str) -> str:
     return f'{{__name__=~"(ray_)?{name}",model="{MODEL}"{matchers}}}'
 
 
-def test_metrics_reach_prometheus_and_expert_counts_add_up(serve_url, prometheus, demo_dir):
+def test_metrics_reach_prometheus_and_expert_counts_add_up(serve_url, prometheus, demo_dir, tmp_path):
     name = "prometheus"
-    serve.run(build_app({"model": str(demo_dir), "shards": 2, "served_model_name": MODEL}), name=name,
-              route_prefix=f"/{name}", blocking=False)  # fmt: skip
+    args = {"model": str(demo_dir), "shards": 2, "served_model_name": MODEL,
+            "retrieval": {"store_path": str(tmp_path / "qdrant")}}  # fmt: skip
+    serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
     try:
         url = f"{serve_url}/{name}"
         wait_ready(url, timeout_s=240)
@@ -108,5 +109,16 @@ def test_metrics_reach_prometheus_and_expert_counts_add_up(serve_url, prometheus
         completions_ok = metric("moe_http_requests_total", route="/v1/completions", status="200")
         http = wait_for(prometheus, f"sum({completions_ok})", lambda v: v >= 1)
         assert http == 1
+
+        # Retrieval: two searches timed, one unknown collection counted as an error by reason.
+        document = {"documents": [{"source": "a.md", "text": "Experts live on shards."}]}
+        assert httpx.post(f"{url}/v1/documents", json=document, timeout=60).status_code == 200
+        for collection, status in (("docs", 200), ("docs", 200), ("nope", 404)):
+            r = httpx.post(f"{url}/v1/retrieve", json={"query": "experts", "collection": collection}, timeout=30)
+            assert r.status_code == status, r.text
+        searches = wait_for(prometheus, f"sum({metric('moe_retrieval_seconds_count')})", lambda v: v >= 2)
+        assert searches == 2
+        errors = metric("moe_retrieval_errors_total", reason="unknown_collection")
+        assert wait_for(prometheus, f"sum({errors})", lambda v: v >= 1) == 1
     finally:
         serve.delete(name)

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from deployments.local_cluster import wait_ready
@@ -55,11 +56,14 @@ def test_cli_rejects_an_unknown_slo_without_importing_ray_or_locust():
 
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory, demo_dir):
-    """`moe-serve run` serving the Mixtral demo with 2 expert shards, as a user starts it (its own cluster)."""
+    """What `make run` starts (configs/demo.yaml: 2 expert shards, the Retriever ingesting the project's
+    docs on first start), in its own cluster and data dir, serving the session's demo checkpoint."""
     port = free_port()
+    data_dir = tmp_path_factory.mktemp("data")
     proc = subprocess.Popen(
-        [MOE_SERVE, "run", "--model", str(demo_dir), "--shards", "2", "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path_factory.mktemp("run"),
+        [MOE_SERVE, "run", "--config", "configs/demo.yaml", "--model", str(demo_dir), "--data-dir", str(data_dir),
+         "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     try:
@@ -71,10 +75,24 @@ def demo_server(tmp_path_factory, demo_dir):
         proc.communicate(timeout=120)
 
 
+def test_the_demo_answers_rag_requests_with_the_projects_docs(demo_server):
+    """The README's RAG example: `make run` ingested README.md and docs/ on its first start."""
+    collections = httpx.get(f"{demo_server}/v1/collections", timeout=30).json()["data"]
+    assert [c["name"] for c in collections] == ["docs"] and collections[0]["points"] > 20
+    question = "How do I create the Secrets before applying an overlay on Kubernetes?"
+    body = {"model": "demo-mixtral", "messages": [{"role": "user", "content": question}], "max_tokens": 8,
+            "retrieval": {"top_k": 3}}  # fmt: skip
+    r = httpx.post(f"{demo_server}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    sources = [s["source"] for s in r.json()["retrieval"]["sources"]]
+    assert sources[0] == "docs/kubernetes.md", sources
+
+
 def test_moe_serve_loadtest_against_the_demo_app(demo_server, tmp_path):
     out = tmp_path / "report"
     args = ["loadtest", "--url", demo_server, "--users", "4", "--duration", "10", "--grace", "4", "--out", str(out),
-            "--max-tokens", "16", "--ignore-eos", "--prompt-words", "4:24", "--slo", "errors=0,e2e_max=60"]  # fmt: skip
+            "--max-tokens", "16", "--ignore-eos", "--prompt-words", "4:24", "--slo", "errors=0,e2e_max=60",
+            "--rag"]  # fmt: skip
     started = time.monotonic()
     result = subprocess.run([MOE_SERVE, *args], capture_output=True, text=True, timeout=120)
     took = time.monotonic() - started
