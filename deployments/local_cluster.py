@@ -63,7 +63,8 @@ def serve_forever(
         url = f"http://{host}:{port}"
         wait_ready(url)
         model = cfg.served_model_name or Path(cfg.model).name
-        print(_banner(url, model, cfg.shards, f"http://127.0.0.1:{metrics_port}/metrics"), flush=True)
+        print(_banner(url, model, cfg.shards, f"http://127.0.0.1:{metrics_port}/metrics", cfg.retrieval is not None),
+              flush=True)  # fmt: skip
         stop.wait()
         print("shutting down...", flush=True)
     finally:
@@ -71,11 +72,12 @@ def serve_forever(
         ray.shutdown()
 
 
-def _banner(url: str, model: str, shards: int, metrics_url: str) -> str:
+def _banner(url: str, model: str, shards: int, metrics_url: str, retrieval: bool) -> str:
+    rag = f'\n  retrieval      {url}/v1/retrieve, /v1/documents, /v1/collections (RAG: add "retrieval": {{}})'
     return f"""
 moe-serve is up: model {model!r}, {shards} expert shard(s). Press Ctrl-C to stop.
 
-  OpenAI API     {url}/v1   (GET /v1/models, POST /v1/completions, POST /v1/chat/completions)
+  OpenAI API     {url}/v1   (GET /v1/models, POST /v1/completions, POST /v1/chat/completions){rag if retrieval else ""}
   health         {url}/healthz
   metrics        {metrics_url}   (Prometheus format; Ray prefixes every name with ray_)
 
