@@ -21,6 +21,7 @@ Auth: $MOE_LOADTEST_API_KEY (else $OPENAI_API_KEY) is sent as a bearer token whe
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -45,7 +46,10 @@ def _workload_arguments(parser) -> None:
 class OpenAIUser(User):
     """One simulated client: sends streaming requests back to back, or paced to the workload's rate."""
 
+    _spawned = itertools.count()  # each user's own prompt stream, by spawn order
+
     def on_start(self) -> None:
+        user_index = next(self._spawned)  # before any request: a request lets the other users start meanwhile
         options = self.environment.parsed_options
         runner = self.environment.runner
         self.workload = Workload.from_options(options)
@@ -56,7 +60,7 @@ class OpenAIUser(User):
         # Line-buffered append: every record is one write(), so users sharing the file never interleave.
         self.records = open(options.records_file, "a", buffering=1) if options.records_file else None
         self.model = self.workload.model or self._first_model()  # may stop the user (then on_stop runs)
-        self.sampler = self.workload.sampler(user_index=runner.user_count)  # spawn order
+        self.sampler = self.workload.sampler(user_index)
         users = max(runner.target_user_count, 1)
         self.pace = constant_throughput(self.workload.rate / users) if self.workload.rate else None
 

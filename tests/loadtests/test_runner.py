@@ -97,7 +97,7 @@ def test_moe_serve_loadtest_against_the_demo_app(demo_server, tmp_path):
     result = subprocess.run([MOE_SERVE, *args], capture_output=True, text=True, timeout=120)
     took = time.monotonic() - started
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert took < 30, f"the load test took {took:.0f} s"  # 10 s of load, locust's start, up to 4 s of grace
+    assert took < 45, f"the load test took {took:.0f} s"  # 10 s of load, locust's start, up to 4 s of grace, slack
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["failures"] == 0 and summary["completed"] == summary["requests"] >= 4

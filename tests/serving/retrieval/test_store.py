@@ -139,3 +139,92 @@ def test_a_server_that_never_answers_times_out_within_timeout_s():
 def test_timeout_must_be_positive(tmp_path):
     with pytest.raises(ConfigError, match="timeout_s"):
         VectorStore(DIM, path=tmp_path, timeout_s=0)
+
+
+# Embedded searches scan an in-memory mirror of the collection; qdrant-client's own local-mode search
+# over the same store is the reference it must agree with, through every kind of write.
+
+
+def reference(store, query, top_k, sources=None):
+    """(source, chunk, score) of qdrant-client's own local-mode search, best first."""
+    from serving.retrieval.store import _sources_filter
+
+    hits = store._client.query_points("docs", query=query.tolist(), limit=top_k, query_filter=_sources_filter(sources))
+    return [(h.payload["source"], h.payload["chunk"], h.score) for h in hits.points]
+
+
+def assert_same_as_reference(store, queries, sources_options=(None, ["b.md"], ["a.md", "c.md", "nope.md"])):
+    for query in queries:
+        for sources in sources_options:
+            for top_k in (1, 3, 50):
+                ours = [(p.source, p.chunk, p.score) for p in store.search("docs", query, top_k, sources)]
+                ref = reference(store, query, top_k, sources)
+                assert [o[:2] for o in ours] == [r[:2] for r in ref], (sources, top_k)
+                assert [o[2] for o in ours] == pytest.approx([r[2] for r in ref], abs=1e-5)
+
+
+def test_search_agrees_with_local_mode_through_upserts_and_deletes(store):
+    queries = unit_vectors(5, seed=7)
+    assert_same_as_reference(store, queries)  # the first search loads the mirror
+    assert "docs" in store._mirrors
+    rng = np.random.default_rng(3)
+    store.upsert("docs", chunks_of("a.md", 6), 3 * rng.standard_normal((6, DIM)))  # 4 replaced, 2 new, not unit
+    store.upsert("docs", chunks_of("d.md", 2), unit_vectors(2, seed=4))  # a new source
+    assert_same_as_reference(store, queries, (None, ["a.md"], ["d.md", "b.md"]))
+    store.delete_source("docs", "a.md", min_chunk=3)
+    store.delete_source("docs", "c.md")
+    assert_same_as_reference(store, queries, (None, ["a.md"], ["c.md"], ["c.md", "d.md"]))
+    store.upsert("docs", chunks_of("c.md", 1), unit_vectors(1, seed=5))  # a deleted point written again
+    assert_same_as_reference(store, queries, (None, ["c.md"]))
+    hits = store.search("docs", unit_vectors(1, seed=5)[0], top_k=2)
+    assert (hits[0].source, hits[0].chunk, hits[0].text) == ("c.md", 0, "c.md chunk 0")
+    assert hits[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_the_mirror_matches_one_loaded_from_the_store(store):
+    store.search("docs", unit_vectors(1)[0])
+    store.upsert("docs", chunks_of("e.md", 300), unit_vectors(300, seed=9))  # grows the mirror's arrays
+    store.delete_source("docs", "b.md", min_chunk=1)
+    kept = store._mirrors.pop("docs")
+    store.search("docs", unit_vectors(1)[0])  # loads a fresh one
+    fresh = store._mirrors["docs"]
+    alive = {i: row for i, row in kept.row_of.items() if kept.alive[row]}
+    assert set(alive) == {i for i, row in fresh.row_of.items() if fresh.alive[row]} and len(alive) == 9 + 300 - 2
+    for point_id, row in alive.items():
+        np.testing.assert_allclose(kept.vectors[row], fresh.vectors[fresh.row_of[point_id]], atol=1e-6)
+        assert kept.chunks[row] == fresh.chunks[fresh.row_of[point_id]]
+
+
+def test_a_failed_write_drops_the_mirror_and_the_next_search_reloads_it(store, monkeypatch):
+    store.search("docs", unit_vectors(1)[0])
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(store._client, "upsert", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        store.upsert("docs", chunks_of("a.md", 1), unit_vectors(1, seed=2))
+    assert "docs" not in store._mirrors
+    monkeypatch.undo()
+    assert_same_as_reference(store, unit_vectors(2, seed=7))
+
+
+def test_searches_of_an_empty_collection_and_bad_queries(store):
+    store.ensure_collection("empty")
+    assert store.search("empty", unit_vectors(1)[0], top_k=3) == []
+    with pytest.raises(ValueError, match="NaN"):
+        store.search("docs", np.full(DIM, np.nan, dtype=np.float32))
+    hits = store.search("docs", np.zeros(DIM, dtype=np.float32), top_k=9)  # a zero vector: every score 0
+    assert len(hits) == 9 and all(h.score == 0.0 for h in hits)
+    with pytest.raises(ValueError, match="top_k"):
+        store.search("docs", unit_vectors(1)[0], top_k=0)
+
+
+def test_search_after_a_restart_agrees_with_local_mode(tmp_path):
+    path = tmp_path / "qdrant"
+    with VectorStore(DIM, path=path) as store:
+        store.ensure_collection("docs")
+        store.upsert("docs", chunks_of("a.md", 40) + chunks_of("b.md", 30), unit_vectors(70))
+        store.delete_source("docs", "a.md", min_chunk=20)
+    with VectorStore(DIM, path=path) as reopened:  # local mode reloads vectors as float64; the mirror holds float32
+        assert_same_as_reference(reopened, unit_vectors(3, seed=7), (None, ["a.md"]))
