@@ -17,11 +17,17 @@ stable uuid5 (so writing a chunk again overwrites it), its payload holds `source
 and `text`. Collections use cosine distance (`DISTANCE`), the measure sentence-transformers models
 are trained for; our vectors are unit length, so it equals the dot product.
 
-Limits: the embedded store is for development and small corpora: it searches by brute force in
-NumPy, evaluates payload filters in Python point by point, and only one process may open its folder
-(`python -m benchmarks.retrieval` on 2 cores: top-5 search p50 ~17 ms at 10k chunks and ~180 ms at
-100k; with a source filter ~150 ms at 10k). A Qdrant server indexes vectors (HNSW) and payload
-fields, and many processes can share it.
+Embedded searches do not go through qdrant-client's local mode, whose every search re-normalises
+all stored vectors in place (a temporary as large as the collection), argsorts every score and
+evaluates a payload filter in Python point by point: ~180 ms p50 and ~1 s p99 at 100k 384-d chunks
+on 2 cores. This store keeps its own copy of each searched collection's vectors instead (`_Mirror`:
+float32 [N, dim], 150 MB at 100k x 384, plus source and chunk per row), built on the collection's
+first search after opening (a scroll through all points: ~13 s at 100k) and updated by `upsert` and
+`delete_source`, so a search is one matrix-vector product and an argpartition; payloads of the hits
+come from the store by id. The copy stays exact because the embedded store's folder is locked to one
+client, this one, and every write goes through this class; a write that fails drops the copy (the next
+search rebuilds it). Only one process may open the folder; a Qdrant server indexes vectors (HNSW) and
+payload fields, many processes can share it, and it is searched with `query_points` directly.
 Calls to a server time out after `timeout_s` (whole seconds: qdrant-client rounds up), and every
 transport failure is raised as `RetrievalUnavailableError` naming the server.
 """
@@ -78,6 +84,7 @@ class VectorStore:
         self.timeout_s = timeout_s
         self.location = url or str(Path(path))
         self._is_server = url is not None
+        self._mirrors: dict[str, _Mirror] = {}  # embedded mode: collection name -> its vectors in memory
         try:
             if url is not None:
                 # check_compatibility=False: the version probe would make a request (and warn) right here.
@@ -158,8 +165,11 @@ class VectorStore:
                 vectors=vectors[start : start + UPSERT_BATCH].tolist(),
                 payloads=[{"source": c.source, "chunk": c.index, "text": c.text} for c in batch],
             )
-            with self._guard(f"upsert into {name!r}", name):
-                self._client.upsert(name, points=points, wait=True)
+            with self._writing(name):
+                with self._guard(f"upsert into {name!r}", name):
+                    self._client.upsert(name, points=points, wait=True)
+                if name in self._mirrors:
+                    self._mirrors[name].put(points.ids, vectors[start : start + UPSERT_BATCH], batch)
 
     def count(self, name: str, source: str | None = None, *, min_chunk: int = 0) -> int:
         """Points in `name` (of `source` only, with chunk index >= `min_chunk`, when given)."""
@@ -171,9 +181,21 @@ class VectorStore:
         selector = _source_filter(source, min_chunk)
         found = self.count(name, source, min_chunk=min_chunk)
         if found:
-            with self._guard(f"delete {source!r} from {name!r}", name):
-                self._client.delete(name, points_selector=models.FilterSelector(filter=selector), wait=True)
+            with self._writing(name):
+                with self._guard(f"delete {source!r} from {name!r}", name):
+                    self._client.delete(name, points_selector=models.FilterSelector(filter=selector), wait=True)
+                if name in self._mirrors:
+                    self._mirrors[name].delete(source, min_chunk)
         return found
+
+    @contextlib.contextmanager
+    def _writing(self, name: str) -> Iterator[None]:
+        """A write to `name` that fails may have been applied in part: drop its mirror (the next search reloads it)."""
+        try:
+            yield
+        except BaseException:
+            self._mirrors.pop(name, None)
+            raise
 
     def search(
         self, name: str, vector: np.ndarray, top_k: int = 5, source_filter: str | list[str] | None = None
@@ -184,13 +206,22 @@ class VectorStore:
         vector = np.asarray(vector, dtype=np.float32)
         if vector.ndim != 1 or (self.dim is not None and len(vector) != self.dim):
             raise ValueError(f"search in {name!r}: the query vector must be [{self.dim}], got {list(vector.shape)}")
-        query_filter = None
+        sources = None
         if source_filter is not None:
             sources = [source_filter] if isinstance(source_filter, str) else list(source_filter)
-            query_filter = models.Filter(must=[models.FieldCondition(key="source", match=models.MatchAny(any=sources))])
         with self._guard(f"search in {name!r}", name):
-            hits = self._client.query_points(name, query=vector.tolist(), limit=top_k, query_filter=query_filter).points
-        return [Passage(h.score, h.payload["source"], h.payload["chunk"], h.payload["text"]) for h in hits]
+            if self._is_server:
+                hits = self._client.query_points(name, query=vector.tolist(), limit=top_k,
+                                                 query_filter=_sources_filter(sources)).points  # fmt: skip
+                return [Passage(h.score, h.payload["source"], h.payload["chunk"], h.payload["text"]) for h in hits]
+            if np.isnan(vector).any():
+                raise ValueError(f"search in {name!r}: the query vector contains NaN")
+            if name not in self._mirrors:
+                self._mirrors[name] = _Mirror.load(self._client, name)
+            ids, scores = self._mirrors[name].search(vector, top_k, sources)
+            payloads = {str(r.id): r.payload for r in self._client.retrieve(name, ids, with_payload=True)}
+        hits = [(score, payloads[i]) for i, score in zip(ids, scores, strict=True)]
+        return [Passage(score, p["source"], p["chunk"], p["text"]) for score, p in hits]
 
     def collections(self) -> list[tuple[str, int]]:
         """(name, point count) of every collection, sorted by name."""
@@ -199,7 +230,8 @@ class VectorStore:
             return [(n, self._client.count(n, exact=True).count) for n in names]
 
     def close(self) -> None:
-        """Release the client (and the embedded store's folder lock)."""
+        """Release the client (and the embedded store's folder lock) and the mirrors."""
+        self._mirrors.clear()
         self._client.close()
 
     def __enter__(self) -> VectorStore:
@@ -210,6 +242,119 @@ class VectorStore:
 
     def __repr__(self) -> str:
         return f"VectorStore({self.location!r}, dim={self.dim})"
+
+
+class _Mirror:
+    """The vectors of one embedded collection in memory, searched by brute force in NumPy.
+
+    Row r holds point `ids[r]`: its unit-length vector, its source (as a code), its chunk index, and
+    whether it is `alive` (a deleted point keeps its row, for when its id is written again).
+    """
+
+    def __init__(self, dim: int):
+        self.ids: list[str] = []
+        self.row_of: dict[str, int] = {}
+        self.code_of: dict[str, int] = {}  # source -> code
+        self.vectors = np.zeros((0, dim), dtype=np.float32)  # capacity rows; the first len(ids) are used
+        self.codes = np.zeros(0, dtype=np.int32)
+        self.chunks = np.zeros(0, dtype=np.int64)
+        self.alive = np.zeros(0, dtype=bool)
+
+    @classmethod
+    def load(cls, client: QdrantClient, name: str, page: int = 4096) -> _Mirror:
+        """Every point of collection `name`, read through `client` a page at a time."""
+        mirror = cls(client.get_collection(name).config.params.vectors.size)
+        offset = None
+        while True:
+            records, offset = client.scroll(name, limit=page, offset=offset, with_payload=["source", "chunk"],
+                                            with_vectors=True)  # fmt: skip
+            if records:
+                vectors = np.asarray([r.vector for r in records], dtype=np.float32)
+                mirror.put([str(r.id) for r in records], vectors, [_Row(r.payload) for r in records])
+            if offset is None:
+                return mirror
+
+    def put(self, ids: Sequence[str], vectors: np.ndarray, chunks: Sequence[Chunk | _Row]) -> None:
+        """Write points (as the store did): a new id takes a new row, a known one is overwritten and revived."""
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)  # the store keeps cosine vectors unit length
+        vectors = vectors / np.where(norms > _EPSILON, norms, 1.0)  # as local mode does
+        rows = []
+        for point_id in ids:
+            row = self.row_of.get(point_id)
+            if row is None:
+                row = self.row_of[point_id] = len(self.ids)
+                self.ids.append(point_id)
+            rows.append(row)
+        if len(self.ids) > len(self.vectors):
+            capacity = max(len(self.ids), 2 * len(self.vectors))
+            self.vectors = _grown(self.vectors, capacity)
+            self.codes, self.chunks, self.alive = (_grown(a, capacity) for a in (self.codes, self.chunks, self.alive))
+        rows = np.array(rows, dtype=np.int64)
+        self.vectors[rows] = vectors
+        self.codes[rows] = [self.code_of.setdefault(c.source, len(self.code_of)) for c in chunks]
+        self.chunks[rows] = [c.index for c in chunks]
+        self.alive[rows] = True
+
+    def delete(self, source: str, min_chunk: int = 0) -> None:
+        """Mark the points of `source` with chunk index >= `min_chunk` deleted."""
+        code = self.code_of.get(source)
+        if code is not None:
+            n = len(self.ids)
+            self.alive[:n] &= (self.codes[:n] != code) | (self.chunks[:n] < min_chunk)
+
+    def search(self, vector: np.ndarray, top_k: int, sources: list[str] | None) -> tuple[list[str], list[float]]:
+        """Ids and cosine scores of the `top_k` live points closest to `vector`, best first."""
+        n = len(self.ids)
+        norm = np.linalg.norm(vector)
+        query = vector / (norm if norm != 0 else _EPSILON)
+        keep = self.alive[:n]
+        if sources is not None:
+            codes = [self.code_of[s] for s in sources if s in self.code_of]
+            keep = keep & np.isin(self.codes[:n], codes)
+        rows = None if keep.all() else np.flatnonzero(keep)
+        if rows is None:
+            scores = self.vectors[:n] @ query
+        elif sources is not None:  # few rows, usually: score only those
+            scores = self.vectors[rows] @ query
+        else:  # all but the deleted rows: scoring every row beats copying the live ones
+            scores = (self.vectors[:n] @ query)[rows]
+        k = min(top_k, len(scores))
+        if k == 0:
+            return [], []
+        top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+        top = top[np.argsort(-scores[top], kind="stable")]
+        found = top if rows is None else rows[top]
+        return [self.ids[r] for r in found], scores[top].astype(float).tolist()
+
+
+@dataclass(frozen=True)
+class _Row:
+    """The payload fields a mirror keeps, from a stored point."""
+
+    payload: dict
+
+    @property
+    def source(self) -> str:
+        return self.payload["source"]
+
+    @property
+    def index(self) -> int:
+        return self.payload["chunk"]
+
+
+_EPSILON = 1.1920929e-7  # what qdrant-client's local mode divides by instead of a zero norm
+
+
+def _grown(array: np.ndarray, rows: int) -> np.ndarray:
+    out = np.zeros((rows, *array.shape[1:]), dtype=array.dtype)
+    out[: len(array)] = array
+    return out
+
+
+def _sources_filter(sources: list[str] | None) -> models.Filter | None:
+    if sources is None:
+        return None
+    return models.Filter(must=[models.FieldCondition(key="source", match=models.MatchAny(any=sources))])
 
 
 def _source_filter(source: str | None, min_chunk: int) -> models.Filter | None:
