@@ -55,6 +55,7 @@ class Retriever:
             raise ValueError("the Retriever deployment needs a `retrieval` block in the app config")
         service = _open(retrieval_settings(cfg))
         service.ingest_on_start()
+        service.store.preload()  # the embedded store's vectors in memory before the first search
         self.retrieval = AsyncRetrieval(service)
 
     async def retrieve(

@@ -9,8 +9,9 @@
 
 `RetrievalService` is synchronous and owns its store: in embedded mode only one process may open the
 store folder, so one service (one Retriever replica) serves a whole app. `AsyncRetrieval` runs the
-calls on one worker thread, one at a time, so an event loop never blocks on embedding or a search,
-and the embedded client and the model are never used from two threads at once.
+calls on two worker threads, one for reads (searches, listing) and one for writes (ingest, delete),
+so an event loop never blocks on embedding, and a long ingest does not hold searches up: the two
+embed in parallel, and only their store calls take turns (VectorStore's lock).
 """
 
 from __future__ import annotations
@@ -91,17 +92,17 @@ class RetrievalService:
     def ingest_on_start(self) -> IngestReport | None:
         """Ingest `settings.ingest_on_start` into the default collection if it is missing or empty (first start).
 
-        Each path's files are named relative to the folder holding that path (README.md, docs/x.md)."""
+        Files are named relative to the folder that holds all the configured paths ([/x/README.md, /x/docs]
+        gives README.md and docs/a.md), whatever folder the replica runs in."""
         paths, name = self.settings.ingest_on_start, self.settings.collection
         if not paths or dict(self.collections()).get(name, 0) > 0:
             return None
         missing = [p for p in paths if not Path(p).exists()]
         if missing:
             raise ConfigError(f"retrieval ingest_on_start: {', '.join(missing)} does not exist")
-        documents = {}  # source -> document: a file reached through two paths counts once
-        for path in paths:
-            documents |= {d.source: d for d in read_documents([path], root=Path(path).resolve().parent)[0]}
-        report = self.ingest(list(documents.values()), name)
+        root = Path(os.path.commonpath([Path(p).resolve().parent for p in paths]))
+        documents, _ = read_documents(paths, root)
+        report = self.ingest(documents, name)
         log.info("ingested %s into %r on first start: %s", ", ".join(paths), name, report.summary())
         return report
 
@@ -114,28 +115,31 @@ class AsyncRetrieval:
 
     def __init__(self, service: RetrievalService):
         self.service = service
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval")
+        self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval-read")
+        self._writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval-write")
 
-    async def _call(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._worker, partial(fn, *args))
+    @staticmethod
+    async def _on(worker: ThreadPoolExecutor, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(worker, partial(fn, *args))
 
     async def retrieve(
         self, query: str, top_k: int, collection: str | None = None, sources: Sequence[str] | None = None
     ) -> list[Passage]:
-        return await self._call(self.service.retrieve, query, top_k, collection, sources)
+        return await self._on(self._reads, self.service.retrieve, query, top_k, collection, sources)
 
     async def ingest(self, documents: Sequence[Document], collection: str | None = None) -> IngestReport:
-        return await self._call(self.service.ingest, documents, collection)
+        return await self._on(self._writes, self.service.ingest, documents, collection)
 
     async def delete(self, sources: Sequence[str], collection: str | None = None) -> int:
-        return await self._call(self.service.delete, sources, collection)
+        return await self._on(self._writes, self.service.delete, sources, collection)
 
     async def collections(self) -> list[tuple[str, int]]:
-        return await self._call(self.service.collections)
+        return await self._on(self._reads, self.service.collections)
 
     def close(self) -> None:
-        """Wait for the running call, then release the store (its folder lock, in embedded mode)."""
-        self._worker.shutdown(wait=True, cancel_futures=True)
+        """Wait for the running calls, then release the store (its folder lock, in embedded mode)."""
+        for worker in (self._reads, self._writes):
+            worker.shutdown(wait=True, cancel_futures=True)
         self.service.close()
 
 
