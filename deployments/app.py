@@ -2,6 +2,7 @@
 
 serve run configs/demo.yaml            # import_path: deployments.app:build_app, args: {...}
 serve.run(build_app({"model": ".data/demo-mixtral", "shards": 2}))
+serve.run(build_app({"model": ".data/demo-mixtral", "engine": "vllm"}))   # vLLM behind the same Ingress
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from deployments.config import AppConfig
 from deployments.ingress import Ingress
 from deployments.router_deployment import Router
 from deployments.shard_deployment import ExpertShard
+from deployments.vllm_deployment import VLLMEngine
 from router.placement import Placement, build_placement
 from serving.config import ModelConfig
+from serving.vllm_engine import require_vllm, vllm_env
 
 
 def validate(args: dict[str, Any] | AppConfig) -> AppConfig:
@@ -35,6 +38,8 @@ def plan_placement(cfg: AppConfig) -> Placement | None:
 
 def build_app(args: dict[str, Any] | AppConfig) -> Application:
     cfg = validate(args)
+    if cfg.engine == "vllm":
+        return build_vllm_app(cfg)
     placement = plan_placement(cfg)
     config = cfg.model_dump()
     shards = [
@@ -49,3 +54,14 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
         config, placement, *shards
     )
     return Ingress.options(ray_actor_options={"num_cpus": cfg.ingress_resources.num_cpus}).bind(config, router)
+
+
+def build_vllm_app(cfg: AppConfig) -> Application:
+    """Ingress -> VLLMEngine replicas (`routers` of them), each running the whole model in vLLM."""
+    require_vllm()  # not installed: a ConfigError saying how, before any replica starts
+    options = cfg.replica_options(cfg.router_resources)
+    options["runtime_env"] = {"env_vars": vllm_env(cfg.accelerator)}
+    engine = VLLMEngine.options(num_replicas=cfg.routers, ray_actor_options=options).bind(cfg.model_dump())
+    return Ingress.options(ray_actor_options={"num_cpus": cfg.ingress_resources.num_cpus}).bind(
+        cfg.model_dump(), engine
+    )
