@@ -2,6 +2,7 @@
 
 serve run configs/demo.yaml            # import_path: deployments.app:build_app, args: {...}
 serve.run(build_app({"model": ".data/demo-mixtral", "shards": 2, "retrieval": {"ingest_on_start": ["docs"]}}))
+serve.run(build_app({"model": ".data/demo-mixtral", "engine": "vllm"}))   # vLLM behind the same Ingress
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from deployments.ingress import Ingress
 from deployments.retriever_deployment import Retriever
 from deployments.router_deployment import Router
 from deployments.shard_deployment import ExpertShard
+from deployments.vllm_deployment import VLLMEngine
 from router.placement import Placement, build_placement
 from serving.config import ModelConfig
+from serving.vllm_engine import require_vllm, vllm_env
 
 
 def _absolute(path: str) -> str:
@@ -44,9 +47,21 @@ def plan_placement(cfg: AppConfig) -> Placement | None:
 
 
 def build_app(args: dict[str, Any] | AppConfig) -> Application:
+    """Ingress -> the engine (Router + ExpertShards, or VLLMEngine) and, with `retrieval`, the Retriever."""
     cfg = validate(args)
-    placement = plan_placement(cfg)
     config = cfg.model_dump()
+    engine = _vllm_engine(cfg, config) if cfg.engine == "vllm" else _native_engine(cfg, config)
+    retriever = None
+    if cfg.retrieval is not None:
+        retriever = Retriever.options(
+            num_replicas=cfg.retrieval.replicas, ray_actor_options=cfg.retrieval.resources.ray_options()
+        ).bind(config)
+    return Ingress.options(ray_actor_options=cfg.ingress_resources.ray_options()).bind(config, engine, retriever)
+
+
+def _native_engine(cfg: AppConfig, config: dict) -> Application:
+    """Router replicas sharing the ExpertShard-<i> deployments (experts in the router with shards: 0)."""
+    placement = plan_placement(cfg)
     shards = [
         ExpertShard.options(
             name=f"ExpertShard-{i}",
@@ -55,12 +70,13 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
         ).bind(cfg.model, i, list(placement.experts_of(i)), cfg.engine_config.dtype)
         for i in range(placement.num_shards if placement else 0)
     ]
-    router = Router.options(num_replicas=cfg.routers, ray_actor_options=cfg.replica_options(cfg.router_resources)).bind(
-        config, placement, *shards
-    )
-    retriever = None
-    if cfg.retrieval is not None:
-        retriever = Retriever.options(
-            num_replicas=cfg.retrieval.replicas, ray_actor_options=cfg.retrieval.resources.ray_options()
-        ).bind(config)
-    return Ingress.options(ray_actor_options=cfg.ingress_resources.ray_options()).bind(config, router, retriever)
+    options = cfg.replica_options(cfg.router_resources)
+    return Router.options(num_replicas=cfg.routers, ray_actor_options=options).bind(config, placement, *shards)
+
+
+def _vllm_engine(cfg: AppConfig, config: dict) -> Application:
+    """VLLMEngine replicas (`routers` of them), each running the whole model in vLLM."""
+    require_vllm()  # not installed: a ConfigError saying how, before any replica starts
+    options = cfg.replica_options(cfg.router_resources)
+    options["runtime_env"] = {"env_vars": vllm_env(cfg.accelerator)}
+    return VLLMEngine.options(num_replicas=cfg.routers, ray_actor_options=options).bind(config)

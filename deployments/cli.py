@@ -212,7 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", help="checkpoint folder (default: the demo checkpoint, built if missing)")
     run.add_argument("--shards", type=int, help="expert shards (default: 2; 0 keeps experts in the router)")
     run.add_argument("--routers", type=int, help="router replicas (default: 1)")
-    run.add_argument("--engine", choices=("native",), help="inference engine (default: native)")
+    run.add_argument(
+        "--engine",
+        choices=("native", "vllm"),
+        help="inference engine (default: native; vllm needs `make install-vllm` or `pip install vllm`)",
+    )
     run.add_argument("--data-dir", default=".data", help="demo checkpoint and Qdrant store (default: .data)")
     run.add_argument("--host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1)")
     run.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")

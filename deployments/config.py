@@ -13,6 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serving.engine import EngineConfig
 from serving.retrieval.chunking import DEFAULT_MAX_TOKENS, DEFAULT_OVERLAP_TOKENS
+from serving.vllm_engine import VLLMOptions
+
+# Fields that only the native engine reads (expert shards); with engine: vllm setting one is an error.
+NATIVE_ONLY = ("shards", "shard_replicas", "placement", "explicit_placement", "shard_resources")
 
 
 class ResourceConfig(BaseModel):
@@ -75,8 +79,20 @@ class AppConfig(BaseModel):
     served_model_name: str | None = Field(
         None, description="Model id in the OpenAI API (`model` field); default: the folder's name."
     )
-    engine: Literal["native"] = Field("native", description="Inference engine.")
-    engine_config: EngineConfig = Field(default_factory=EngineConfig, description="Engine limits and dtype.")
+    engine: Literal["native", "vllm"] = Field(
+        "native",
+        description="native: our engine, experts on ExpertShard deployments; vllm: one vLLM engine per replica "
+        "(needs vLLM installed) in place of Router and shards, behind the same API.",
+    )
+    engine_config: EngineConfig = Field(
+        default_factory=EngineConfig,
+        description="Engine limits and dtype. With engine: vllm, dtype, kv_cache_mb, max_model_len, max_running "
+        "and max_batched_tokens map to vLLM's dtype, KV cache bytes, max_model_len, max_num_seqs and "
+        "max_num_batched_tokens; block_size and max_waiting are the native engine's own.",
+    )
+    vllm: VLLMOptions = Field(
+        default_factory=VLLMOptions, description="vLLM's own options (parallelism, eager mode); engine: vllm only."
+    )
     accelerator: Literal["cpu", "gpu"] = Field(
         "cpu", description="gpu: each shard replica and each router replica takes one GPU (num_gpus: 1)."
     )
@@ -90,7 +106,9 @@ class AppConfig(BaseModel):
     explicit_placement: list[list[int]] | None = Field(
         None, description="With placement: explicit, the expert ids of each shard (one list per shard)."
     )
-    routers: int = Field(1, ge=1, description="Router replicas (dense layers, gate, KV cache); they share the shards.")
+    routers: int = Field(
+        1, ge=1, description="Router replicas (dense layers, gate, KV cache; they share the shards), or vLLM replicas."
+    )
     router_resources: ResourceConfig = Field(default_factory=lambda: ResourceConfig(num_cpus=1.0))
     shard_resources: ResourceConfig = Field(default_factory=ResourceConfig)
     ingress_resources: ResourceConfig = Field(default_factory=lambda: ResourceConfig(num_cpus=0.25))
@@ -103,6 +121,19 @@ class AppConfig(BaseModel):
     auth: bool = Field(False, description="Require `Authorization: Bearer <key>` on /v1 routes.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body; larger ones get 413.")
     retrieval: RetrievalConfig | None = Field(None, description="RAG: the Retriever deployment; null: no retrieval.")
+
+    @model_validator(mode="after")
+    def _engine_fields(self) -> AppConfig:
+        # Compared with the defaults rather than with model_fields_set, so a dumped and re-validated config
+        # (what build_app hands the replicas) passes the same way.
+        if self.engine == "vllm" and (native := [f for f in NATIVE_ONLY if getattr(self, f) != _default(f)]):
+            raise ValueError(
+                f"{', '.join(native)}: expert shards are the native engine's; engine: vllm runs the whole model in "
+                "each replica (for expert parallelism inside vLLM set vllm.enable_expert_parallel); remove them"
+            )
+        if self.engine == "native" and self.vllm != VLLMOptions():
+            raise ValueError("vllm: options for engine: vllm only; set engine: vllm or remove them")
+        return self
 
     @model_validator(mode="after")
     def _placement_fits(self) -> AppConfig:
@@ -119,13 +150,18 @@ class AppConfig(BaseModel):
 
     def total_cpus(self) -> float:
         """Logical CPUs all replicas reserve together (a local cluster needs at least this many)."""
-        shards = self.shards * self.shard_replicas * self.shard_resources.num_cpus
+        shards = self.shards * self.shard_replicas * self.shard_resources.num_cpus if self.engine == "native" else 0
         retriever = self.retrieval.replicas * self.retrieval.resources.num_cpus if self.retrieval else 0.0
         return self.routers * self.router_resources.num_cpus + shards + self.ingress_resources.num_cpus + retriever
 
     def replica_options(self, resources: ResourceConfig) -> dict:
-        """ray_actor_options for a router or shard replica."""
+        """ray_actor_options for a router, shard or vLLM replica (a vLLM replica takes its tensor-parallel GPUs)."""
         options = resources.ray_options()
         if self.accelerator == "gpu":
-            options["num_gpus"] = 1
+            options["num_gpus"] = self.vllm.tensor_parallel_size if self.engine == "vllm" else 1
         return options
+
+
+def _default(field: str):
+    info = AppConfig.model_fields[field]
+    return info.default_factory() if info.default_factory is not None else info.default

@@ -49,6 +49,10 @@ def serve_forever(
     from deployments.app import build_app, validate
 
     cfg = validate(args)  # config errors before any process starts
+    if cfg.engine == "vllm":
+        from serving.vllm_engine import require_vllm
+
+        require_vllm()
     stop = threading.Event()
     # CPU reservations are for placement, not limits: a laptop with fewer cores still runs the app.
     num_cpus = max(os.cpu_count() or 1, math.ceil(cfg.total_cpus()))
@@ -63,8 +67,9 @@ def serve_forever(
         url = f"http://{host}:{port}"
         wait_ready(url)
         model = cfg.served_model_name or Path(cfg.model).name
-        print(_banner(url, model, cfg.shards, f"http://127.0.0.1:{metrics_port}/metrics", cfg.retrieval is not None),
-              flush=True)  # fmt: skip
+        engine = f"{cfg.shards} expert shard(s)" if cfg.engine == "native" else "engine vllm"
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        print(_banner(url, model, engine, metrics_url, cfg.retrieval is not None), flush=True)
         stop.wait()
         print("shutting down...", flush=True)
     finally:
@@ -72,10 +77,10 @@ def serve_forever(
         ray.shutdown()
 
 
-def _banner(url: str, model: str, shards: int, metrics_url: str, retrieval: bool) -> str:
+def _banner(url: str, model: str, engine: str, metrics_url: str, retrieval: bool) -> str:
     rag = f'\n  retrieval      {url}/v1/retrieve, /v1/documents, /v1/collections (RAG: add "retrieval": {{}})'
     return f"""
-moe-serve is up: model {model!r}, {shards} expert shard(s). Press Ctrl-C to stop.
+moe-serve is up: model {model!r}, {engine}. Press Ctrl-C to stop.
 
   OpenAI API     {url}/v1   (GET /v1/models, POST /v1/completions, POST /v1/chat/completions){rag if retrieval else ""}
   health         {url}/healthz

@@ -63,6 +63,21 @@ class EngineConfig(BaseModel):
         return DTYPES[self.dtype]
 
 
+def check_request(prompt_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> None:
+    """Raise RequestError if a request can never be served: every engine runs these checks, with these
+    messages, so the API answers the same whichever engine is behind it."""
+    if not prompt_ids:
+        raise RequestError("prompt: empty; give at least one token")
+    if bad := [t for t in prompt_ids if not 0 <= t < vocab_size]:
+        raise RequestError(f"prompt: token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+    total = len(prompt_ids) + params.max_tokens
+    if total > max_model_len:
+        raise RequestError(
+            f"this model's maximum context length is {max_model_len} tokens; the request asks for "
+            f"{total} ({len(prompt_ids)} in the prompt + {params.max_tokens} max_tokens)"
+        )
+
+
 @dataclass
 class RequestOutput:
     """What one step produced for one request: new tokens and text, and whether it is finished."""
@@ -134,17 +149,7 @@ class LLMEngine:
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise RequestError if this request can never be served (before it takes a queue place)."""
-        if not prompt_ids:
-            raise RequestError("prompt: empty; give at least one token")
-        vocab = self.model_config.vocab_size
-        if bad := [t for t in prompt_ids if not 0 <= t < vocab]:
-            raise RequestError(f"prompt: token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        total = len(prompt_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise RequestError(
-                f"this model's maximum context length is {self.max_model_len} tokens; the request asks for "
-                f"{total} ({len(prompt_ids)} in the prompt + {params.max_tokens} max_tokens)"
-            )
+        check_request(prompt_ids, params, self.model_config.vocab_size, self.max_model_len)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
         self.check_request(prompt_ids, params)

@@ -78,3 +78,32 @@ def test_retrieval_paths_are_made_absolute_for_replicas_elsewhere(tmp_path, monk
     assert cfg.retrieval.ingest_on_start == [str(tmp_path / "docs"), str(tmp_path / "README.md")]
     with pytest.raises(ValidationError, match="overlap_tokens=64 must be < chunk_tokens"):
         AppConfig.model_validate({"model": "x", "retrieval": {"chunk_tokens": 64, "overlap_tokens": 64}})
+
+
+def test_engine_vllm_refuses_the_native_engines_shard_fields():
+    with pytest.raises(ValidationError, match=r"shards, shard_resources: expert shards are the native engine's"):
+        AppConfig.model_validate({"model": "x", "engine": "vllm", "shards": 4, "shard_resources": {"num_cpus": 1}})
+    with pytest.raises(ValidationError, match="vllm: options for engine: vllm only"):
+        AppConfig.model_validate({"model": "x", "vllm": {"enforce_eager": True}})
+    with pytest.raises(ValidationError, match="tensor_parallel"):
+        AppConfig.model_validate({"model": "x", "engine": "vllm", "vllm": {"tensor_parallel": 2}})
+
+
+def test_vllm_replica_takes_its_tensor_parallel_gpus_and_survives_a_round_trip():
+    cfg = AppConfig.model_validate({"model": "x", "engine": "vllm", "accelerator": "gpu",
+                                    "vllm": {"tensor_parallel_size": 2, "enable_expert_parallel": True}})  # fmt: skip
+    assert cfg.replica_options(cfg.router_resources) == {"num_cpus": 1.0, "num_gpus": 2}
+    assert cfg.total_cpus() == 1.25  # no shard replicas
+    assert AppConfig.model_validate(cfg.model_dump()) == cfg  # what build_app hands the replicas
+
+
+def test_engine_vllm_without_vllm_installed_says_how_to_install_it(monkeypatch, demo_dir):
+    import importlib.util
+
+    from deployments.app import build_app
+    from serving.errors import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(ConfigError, match="make install-vllm"):
+        build_app({"model": str(demo_dir), "engine": "vllm"})

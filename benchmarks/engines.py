@@ -1,0 +1,183 @@
+"""Engines under the same load: native with 2 expert shards, native with experts in process, and vLLM.
+
+    python -m benchmarks.engines [--models demo,bench] [--concurrency 1,8,32] [--duration 30] [--out DIR]
+
+One local Ray cluster serves the three apps side by side, each under its own route prefix, on the
+same checkpoint and engine_config; the load is the load-test runner's (`loadtests/`: locust in its own
+process, streaming requests, half chat and half completions, prompts of 16-64 words, `max_tokens`
+tokens each with ignore_eos so every engine generates the same number). For each model and concurrency
+the three engines run back to back, in an order that rotates, so machine noise spreads over all of them.
+Writes DIR/engines.json (every cell's summary), a markdown table on stdout, and DIR/engines.png.
+Needs vLLM (`make install-vllm`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+from benchmarks.engine import build_checkpoint
+from benchmarks.report import machine_meta, write_report
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ENGINES = {  # name -> the app args that differ; threads: 2 for dense compute, 1 per shard (2 run at once)
+    "native, 2 shards": {"shards": 2, "router_resources": {"num_cpus": 2}, "shard_resources": {"num_cpus": 1}},
+    "native, in process": {"shards": 0, "router_resources": {"num_cpus": 2}},
+    "vllm": {"engine": "vllm", "router_resources": {"num_cpus": 2}},
+}
+DTYPES = {"demo": "float32", "bench": "bfloat16"}
+SERVING_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def serving_checkpoint(name: str, root: Path) -> Path:
+    """The benchmark checkpoint, made servable over HTTP by both engines: the bench model (random
+    weights, no tokenizer of its own) gets the demo tokenizer and chat template, and its config.json
+    states DeepSeek-V3's routing (sigmoid scores, noaux_tc) as real DeepSeek-V3 checkpoints do; vLLM
+    reads those two fields (and would default to softmax routing without them), transformers' config
+    class leaves them out."""
+    path = build_checkpoint(name, root)
+    if name == "demo":
+        return path
+    demo = build_checkpoint("demo", root)
+    for file in SERVING_FILES:
+        if not (path / file).exists():
+            shutil.copy(demo / file, path / file)
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text())
+    if "scoring_func" not in config:
+        config.update(scoring_func="sigmoid", topk_method="noaux_tc")
+        config_file.write_text(json.dumps(config, indent=2))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deploy(serve_url: str, model: Path, name: str, dtype: str, vllm_eager: bool) -> dict[str, str]:
+    """The three apps on `model`; returns {engine: base URL}."""
+    from ray import serve
+
+    from deployments.app import build_app
+    from deployments.local_cluster import wait_ready
+
+    urls = {}
+    for i, (engine, extra) in enumerate(ENGINES.items()):
+        args = {"model": str(model), "served_model_name": name, "ingress_resources": {"num_cpus": 0.25},
+                "engine_config": {"dtype": dtype, "kv_cache_mb": 1024, "max_running": 64}, **extra}  # fmt: skip
+        if engine == "vllm" and vllm_eager:
+            args["vllm"] = {"enforce_eager": True}
+        serve.run(build_app(args), name=f"{name}-{i}", route_prefix=f"/{name}-{i}", blocking=False)
+        urls[engine] = f"{serve_url}/{name}-{i}"
+    for url in urls.values():
+        wait_ready(url, timeout_s=900)
+    return urls
+
+
+def run_cell(url: str, users: int, args: argparse.Namespace, out: Path) -> dict:
+    from loadtests.runner import LoadTest, run_loadtest
+    from loadtests.workload import Workload
+
+    workload = Workload(prompt_words=(16, 64), max_tokens=args.max_tokens, ignore_eos=True, seed=users)
+    test = LoadTest(url=url, out=out, users=users, duration_s=args.duration, grace_s=args.grace, workload=workload)
+    run_loadtest(test)
+    summary = json.loads((out / "summary.json").read_text())
+    ms = lambda key, p: round(summary[key][p] * 1000, 1) if summary[key] else None  # noqa: E731
+    return dict(output_tok_s=round(summary["output_throughput_tok_s"], 1), requests=summary["completed"],
+                failures=summary["failures"], ttft_p50_ms=ms("ttft_s", "p50"), ttft_p99_ms=ms("ttft_s", "p99"),
+                itl_p50_ms=ms("itl_s", "p50"), itl_p99_ms=ms("itl_s", "p99"))  # fmt: skip
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Output tok/s, TTFT and ITL (p50 solid, p99 dashed) against concurrency, one row of panels per model."""
+    from matplotlib.figure import Figure
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig = Figure(figsize=(14, 3.8 * len(models)))
+    axes = fig.subplots(len(models), 3, squeeze=False)
+    for m, model in enumerate(models):
+        for engine in ENGINES:
+            cells = sorted((r for r in rows if r["model"] == model and r["engine"] == engine), key=lambda r: r["users"])
+            xs = [r["users"] for r in cells]
+            [line] = axes[m][0].plot(xs, [r["output_tok_s"] for r in cells], marker="o", label=engine)
+            for ax, key in ((axes[m][1], "ttft"), (axes[m][2], "itl")):
+                ax.plot(xs, [r[f"{key}_p50_ms"] for r in cells], marker="o", color=line.get_color(), label=engine)
+                ax.plot(xs, [r[f"{key}_p99_ms"] for r in cells], ls="--", color=line.get_color())
+        for ax, title in zip(axes[m], ("output tokens/s", "TTFT ms (p50, p99 dashed)", "ITL ms (p50, p99 dashed)"),
+                             strict=True):  # fmt: skip
+            ax.set_title(f"{model}: {title}")
+            ax.set_xlabel("concurrent users")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [str(x) for x in xs])
+            ax.grid(alpha=0.3)
+        axes[m][1].set_yscale("log")
+        axes[m][2].set_yscale("log")
+        axes[m][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="demo,bench")
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of load per cell")
+    parser.add_argument("--grace", type=float, default=90.0, help="seconds running requests may finish")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--vllm-eager", action="store_true", help="vLLM without torch.compile (starts faster)")
+    parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "moe-serve-bench"))
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--plot", default="benchmarks/engines.png")
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix sockets live under it
+    ray.init(address="local", num_cpus=16, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    rows = []
+    try:
+        for name in args.models.split(","):
+            model = serving_checkpoint(name, Path(args.cache_dir))
+            urls = deploy(f"http://127.0.0.1:{port}", model, name, DTYPES[name], args.vllm_eager)
+            engines = list(urls)
+            for turn, users in enumerate(int(c) for c in args.concurrency.split(",")):
+                order = engines[turn % 3 :] + engines[: turn % 3]  # rotate who goes first
+                for engine in order:
+                    cell_dir = Path(args.out) / "engines" / name / engine.replace(", ", "-").replace(" ", "-")
+                    cell = run_cell(urls[engine], users, args, cell_dir / f"c{users}")
+                    rows.append(dict(model=name, users=users, engine=engine, **cell))
+                    print(f"{name:>6} c={users:<3} {engine:<20} {cell}", flush=True)
+            for i in range(len(ENGINES)):
+                serve.delete(f"{name}-{i}")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+    for row in rows:  # each engine's throughput against vLLM's in the same cell
+        vllm = next(r for r in rows if (r["model"], r["users"], r["engine"]) == (row["model"], row["users"], "vllm"))
+        row["vs_vllm"] = round(row["output_tok_s"] / vllm["output_tok_s"], 2) if vllm["output_tok_s"] else None
+    rows.sort(key=lambda r: (r["model"], r["users"], list(ENGINES).index(r["engine"])))
+    meta = machine_meta(duration_s=args.duration, max_tokens=args.max_tokens, dtypes=DTYPES, vllm_eager=args.vllm_eager)
+    columns = {"model": "model", "users": "users", "engine": "engine", "output tok/s": "output_tok_s",
+               "x vLLM": "vs_vllm", "TTFT p50 ms": "ttft_p50_ms", "TTFT p99 ms": "ttft_p99_ms",
+               "ITL p50 ms": "itl_p50_ms", "ITL p99 ms": "itl_p99_ms", "requests": "requests",
+               "failed": "failures"}  # fmt: skip
+    write_report(args.out, "engines", meta, rows, columns)
+    plot(rows, Path(args.plot))
+    print(f"plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
