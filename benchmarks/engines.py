@@ -2,11 +2,12 @@
 
     python -m benchmarks.engines [--models demo,bench] [--concurrency 1,8,32] [--duration 30] [--out DIR]
 
-One local Ray cluster serves the three apps side by side, each under its own route prefix, on the
-same checkpoint and engine_config; the load is the load-test runner's (`loadtests/`: locust in its own
-process, streaming requests, half chat and half completions, prompts of 16-64 words, `max_tokens`
-tokens each with ignore_eos so every engine generates the same number). For each model and concurrency
-the three engines run back to back, in an order that rotates, so machine noise spreads over all of them.
+One local Ray cluster serves each engine in turn, on the same checkpoint and engine_config, in one run;
+the load is the load-test runner's (`loadtests/`: locust in its own process, streaming requests, half
+chat and half completions, prompts of 16-64 words, `max_tokens` tokens each with ignore_eos so every
+engine generates the same number), at each concurrency for `--duration` seconds. The engines take
+turns rather than being deployed together because three copies of the bench model do not fit in
+24 GiB beside anything else.
 Writes DIR/engines.json (every cell's summary), a markdown table on stdout, and DIR/engines.png.
 Needs vLLM (`make install-vllm`).
 """
@@ -32,24 +33,26 @@ ENGINES = {  # name -> the app args that differ; threads: 2 for dense compute, 1
     "vllm": {"engine": "vllm", "router_resources": {"num_cpus": 2}},
 }
 DTYPES = {"demo": "float32", "bench": "bfloat16"}
-SERVING_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
 def serving_checkpoint(name: str, root: Path) -> Path:
-    """The benchmark checkpoint, made servable over HTTP by both engines: the bench model (random
-    weights, no tokenizer of its own) gets the demo tokenizer and chat template, and its config.json
-    states DeepSeek-V3's routing (sigmoid scores, noaux_tc) as real DeepSeek-V3 checkpoints do; vLLM
-    reads those two fields (and would default to softmax routing without them), transformers' config
-    class leaves them out."""
+    """The benchmark checkpoint, made servable over HTTP by both engines. The bench model (random
+    weights, no tokenizer of its own) gets the demo tokenizer, extended with one added token per id
+    past the demo's 1024 so that every token the model samples decodes to text (TTFT and ITL are timed
+    on text chunks), and its config.json states DeepSeek-V3's routing (sigmoid scores, noaux_tc) as
+    real DeepSeek-V3 checkpoints do: vLLM reads those two fields (it would route with softmax without
+    them); transformers' config class leaves them out."""
     path = build_checkpoint(name, root)
     if name == "demo":
         return path
-    demo = build_checkpoint("demo", root)
-    for file in SERVING_FILES:
-        if not (path / file).exists():
-            shutil.copy(demo / file, path / file)
+    from transformers import AutoTokenizer
+
     config_file = path / "config.json"
     config = json.loads(config_file.read_text())
+    if not (path / "tokenizer.json").exists() or len(AutoTokenizer.from_pretrained(path)) < config["vocab_size"]:
+        tokenizer = AutoTokenizer.from_pretrained(build_checkpoint("demo", root))
+        tokenizer.add_tokens([f"<t{i}>" for i in range(len(tokenizer), config["vocab_size"])])
+        tokenizer.save_pretrained(path)
     if "scoring_func" not in config:
         config.update(scoring_func="sigmoid", topk_method="noaux_tc")
         config_file.write_text(json.dumps(config, indent=2))
@@ -62,24 +65,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def deploy(serve_url: str, model: Path, name: str, dtype: str, vllm_eager: bool) -> dict[str, str]:
-    """The three apps on `model`; returns {engine: base URL}."""
+def deploy(serve_url: str, model: Path, name: str, engine: str, dtype: str, vllm_eager: bool) -> str:
+    """One engine's app on `model`; returns its base URL."""
     from ray import serve
 
     from deployments.app import build_app
     from deployments.local_cluster import wait_ready
 
-    urls = {}
-    for i, (engine, extra) in enumerate(ENGINES.items()):
-        args = {"model": str(model), "served_model_name": name, "ingress_resources": {"num_cpus": 0.25},
-                "engine_config": {"dtype": dtype, "kv_cache_mb": 1024, "max_running": 64}, **extra}  # fmt: skip
-        if engine == "vllm" and vllm_eager:
-            args["vllm"] = {"enforce_eager": True}
-        serve.run(build_app(args), name=f"{name}-{i}", route_prefix=f"/{name}-{i}", blocking=False)
-        urls[engine] = f"{serve_url}/{name}-{i}"
-    for url in urls.values():
-        wait_ready(url, timeout_s=900)
-    return urls
+    args = {"model": str(model), "served_model_name": name, "ingress_resources": {"num_cpus": 0.25},
+            "engine_config": {"dtype": dtype, "kv_cache_mb": 1024, "max_running": 64}, **ENGINES[engine]}  # fmt: skip
+    if engine == "vllm" and vllm_eager:
+        args["vllm"] = {"enforce_eager": True}
+    serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
+    wait_ready(f"{serve_url}/{name}", timeout_s=900)
+    return f"{serve_url}/{name}"
 
 
 def run_cell(url: str, users: int, args: argparse.Namespace, out: Path) -> dict:
@@ -149,17 +148,14 @@ def main() -> None:
     try:
         for name in args.models.split(","):
             model = serving_checkpoint(name, Path(args.cache_dir))
-            urls = deploy(f"http://127.0.0.1:{port}", model, name, DTYPES[name], args.vllm_eager)
-            engines = list(urls)
-            for turn, users in enumerate(int(c) for c in args.concurrency.split(",")):
-                order = engines[turn % 3 :] + engines[: turn % 3]  # rotate who goes first
-                for engine in order:
+            for engine in ENGINES:  # one at a time: three copies of the bench model would not fit in 24 GiB
+                url = deploy(f"http://127.0.0.1:{port}", model, name, engine, DTYPES[name], args.vllm_eager)
+                for users in (int(c) for c in args.concurrency.split(",")):
                     cell_dir = Path(args.out) / "engines" / name / engine.replace(", ", "-").replace(" ", "-")
-                    cell = run_cell(urls[engine], users, args, cell_dir / f"c{users}")
+                    cell = run_cell(url, users, args, cell_dir / f"c{users}")
                     rows.append(dict(model=name, users=users, engine=engine, **cell))
                     print(f"{name:>6} c={users:<3} {engine:<20} {cell}", flush=True)
-            for i in range(len(ENGINES)):
-                serve.delete(f"{name}-{i}")
+                serve.delete(name)
     finally:
         serve.shutdown()
         ray.shutdown()
