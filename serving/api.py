@@ -176,7 +176,7 @@ class _Api:
                 choices=[choice],
                 usage=result.usage,
                 retrieval=info,
-            )  # fmt: skip
+            )
         )
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
@@ -208,7 +208,7 @@ class _Api:
                 choices=[choice],
                 usage=result.usage,
                 retrieval=info,
-            )  # fmt: skip
+            )
         )
 
     async def _context(
