@@ -3,7 +3,8 @@ vLLM engine) and, when retrieval is on, to the Retriever."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
 
 from ray import serve
 from ray.exceptions import RayTaskError
@@ -34,6 +35,18 @@ _PASS_THROUGH = (RequestError, EngineOverloadedError, EngineStoppedError)  # eng
 _RETRIEVAL_PASS_THROUGH = (RetrievalUnavailableError, UnknownCollectionError, ValueError)
 
 
+@contextmanager
+def _unwrapped(kinds: tuple[type[Exception], ...]) -> Iterator[None]:
+    """Raise a replica's own exception of one of `kinds` (the API maps those to 4xx/503) instead of
+    Ray's RayTaskError around it; any other failure stays as it is."""
+    try:
+        yield
+    except RayTaskError as e:
+        if isinstance(e.cause, kinds):
+            raise e.cause from None
+        raise
+
+
 class RouterClient:
     """EngineClient over the Router deployment's streaming handle (Serve balances the replicas)."""
 
@@ -45,12 +58,9 @@ class RouterClient:
     ) -> AsyncIterator[RequestOutput]:
         stream = self.handle.generate.remote(prompt_ids, params, request_id)
         try:
-            async for out in stream:
-                yield out
-        except RayTaskError as e:  # unwrap the engine's own refusals so the API answers 4xx
-            if isinstance(e.cause, _PASS_THROUGH):
-                raise e.cause from None
-            raise
+            with _unwrapped(_PASS_THROUGH):
+                async for out in stream:
+                    yield out
         finally:
             stream.cancel()  # client gone or done: the router aborts the request and frees its cache
 
@@ -63,12 +73,8 @@ class RetrieverHandleClient:
 
     @staticmethod
     async def _call(response):
-        try:
+        with _unwrapped(_RETRIEVAL_PASS_THROUGH):
             return await response
-        except RayTaskError as e:
-            if isinstance(e.cause, _RETRIEVAL_PASS_THROUGH):
-                raise e.cause from None
-            raise
 
     async def retrieve(
         self, query: str, top_k: int, collection: str | None = None, sources: Sequence[str] | None = None
