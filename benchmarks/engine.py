@@ -68,11 +68,11 @@ def workload(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
 
 
 def run_ours(engine, requests) -> float:
-    from serving.sampling import SamplingParams
+    from serving.engine_client import SamplingParams
 
     params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for _, m in requests]
     start = time.perf_counter()
-    engine.generate([p for p, _ in requests], params)
+    engine.generate_batch([p for p, _ in requests], params)
     return time.perf_counter() - start
 
 
@@ -103,8 +103,9 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from serving.engine import EngineConfig, LLMEngine
-    from serving.model import load_local
+    from serving.engine.llm_engine import LLMEngine
+    from serving.engine_client import EngineConfig
+    from serving.model.decoder import load_local
 
     dtype = getattr(torch, args.dtype)
     rows = []

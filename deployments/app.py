@@ -13,13 +13,12 @@ from typing import Any
 from ray.serve import Application
 
 from deployments.config import AppConfig
+from deployments.engine_deployment import EngineFactory, EngineReplica, NativeEngineFactory, VLLMEngineFactory
 from deployments.ingress import Ingress
 from deployments.retriever_deployment import Retriever
-from deployments.router_deployment import Router
 from deployments.shard_deployment import ExpertShard
-from deployments.vllm_deployment import VLLMEngine
 from router.placement import Placement, build_placement
-from serving.config import ModelConfig
+from serving.model.config import ModelConfig
 from serving.vllm_engine import require_vllm, vllm_env
 
 
@@ -50,7 +49,13 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     """Ingress -> the engine (Router + ExpertShards, or VLLMEngine) and, with `retrieval`, the Retriever."""
     cfg = validate(args)
     config = cfg.model_dump()
-    engine = _vllm_engine(cfg, config) if cfg.engine == "vllm" else _native_engine(cfg, config)
+    factory = _vllm_engine(cfg, config) if cfg.engine == "vllm" else _native_engine(cfg, config)
+    options = cfg.replica_options(cfg.router_resources)
+    if cfg.engine == "vllm":
+        options["runtime_env"] = {"env_vars": vllm_env(cfg.accelerator)}
+    engine = EngineReplica.options(
+        name=factory.deployment_name, num_replicas=cfg.routers, ray_actor_options=options
+    ).bind(factory)
     retriever = None
     if cfg.retrieval is not None:
         retriever = Retriever.options(
@@ -59,7 +64,7 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     return Ingress.options(ray_actor_options=cfg.ingress_resources.ray_options()).bind(config, engine, retriever)
 
 
-def _native_engine(cfg: AppConfig, config: dict) -> Application:
+def _native_engine(cfg: AppConfig, config: dict) -> EngineFactory:
     """Router replicas sharing the ExpertShard-<i> deployments (experts in the router with shards: 0)."""
     placement = plan_placement(cfg)
     shards = [
@@ -70,13 +75,10 @@ def _native_engine(cfg: AppConfig, config: dict) -> Application:
         ).bind(cfg.model, i, list(placement.experts_of(i)), cfg.engine_config.dtype)
         for i in range(placement.num_shards if placement else 0)
     ]
-    options = cfg.replica_options(cfg.router_resources)
-    return Router.options(num_replicas=cfg.routers, ray_actor_options=options).bind(config, placement, *shards)
+    return NativeEngineFactory(config, placement, shards)
 
 
-def _vllm_engine(cfg: AppConfig, config: dict) -> Application:
+def _vllm_engine(cfg: AppConfig, config: dict) -> EngineFactory:
     """VLLMEngine replicas (`routers` of them), each running the whole model in vLLM."""
     require_vllm()  # not installed: a ConfigError saying how, before any replica starts
-    options = cfg.replica_options(cfg.router_resources)
-    options["runtime_env"] = {"env_vars": vllm_env(cfg.accelerator)}
-    return VLLMEngine.options(num_replicas=cfg.routers, ray_actor_options=options).bind(config)
+    return VLLMEngineFactory(config)

@@ -38,15 +38,15 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from serving.engine import EngineConfig, LLMEngine
+    from serving.engine.llm_engine import LLMEngine
+    from serving.engine_client import EngineConfig, SamplingParams
     from serving.errors import CheckpointError, ConfigError, RequestError
-    from serving.sampling import SamplingParams
 
     try:
         engine = LLMEngine.from_pretrained(args.model, EngineConfig(dtype=args.dtype))
         prompt = _parse_ids(args.prompt_ids) if args.prompt_ids else engine.tokenizer.encode(args.prompt)
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-        [result] = engine.generate([prompt], params)
+        [result] = engine.generate_batch([prompt], params)
     except (ConfigError, CheckpointError, RequestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -84,7 +84,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from serving.capacity import CapacityError, load_config, plan_capacity
+    from deployments.capacity import CapacityError, load_config, plan_capacity
     from serving.errors import ConfigError
 
     try:

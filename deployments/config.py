@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from serving.engine import EngineConfig
+from serving.engine_client import EngineConfig
 from serving.retrieval.chunking import DEFAULT_MAX_TOKENS, DEFAULT_OVERLAP_TOKENS
 from serving.vllm_engine import VLLMOptions
 

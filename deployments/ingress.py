@@ -1,4 +1,4 @@
-"""Ingress: the OpenAI-compatible HTTP API (serving/api.py) on Serve, with handles to the routers (or the
+"""Ingress: the OpenAI-compatible HTTP API (serving/api/app.py) on Serve, with handles to the routers (or the
 vLLM engine) and, when retrieval is on, to the Retriever."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.config import AppConfig
 from deployments.metrics import RaySink
-from serving.api import build_api, load_api_keys
-from serving.api_retrieval import Retrieval
-from serving.engine import RequestOutput
+from serving.api.app import build_api, load_api_keys
+from serving.api.retrieval import Retrieval
+from serving.engine_client import RequestOutput, SamplingParams
 from serving.errors import (
     EngineOverloadedError,
     EngineStoppedError,
@@ -25,7 +25,6 @@ from serving.errors import (
 from serving.metrics import HttpMetrics, MeteredClient
 from serving.retrieval.ingest import Document, IngestReport
 from serving.retrieval.store import Passage
-from serving.sampling import SamplingParams
 from serving.tokenizer import Tokenizer
 
 ROUTES = frozenset({"/v1/models", "/v1/completions", "/v1/chat/completions", "/healthz"})
@@ -66,7 +65,7 @@ class RouterClient:
 
 
 class RetrieverHandleClient:
-    """RetrieverClient (serving/api_retrieval.py) over the Retriever deployment's handle."""
+    """RetrieverClient (serving/api/retrieval.py) over the Retriever deployment's handle."""
 
     def __init__(self, handle: DeploymentHandle):
         self.handle = handle

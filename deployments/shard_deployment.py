@@ -10,23 +10,23 @@ import torch
 from ray import serve
 from torch import Tensor
 
-from serving.checkpoint import Checkpoint
-from serving.config import ModelConfig
-from serving.engine import DTYPES
-from serving.model import load_experts
-from serving.sharded_experts import ShardCall, run_shard_call
+from serving.experts.loading import load_experts
+from serving.experts.sharded import ShardCall, run_shard_call
+from serving.model.checkpoint import Checkpoint
+from serving.model.config import ModelConfig
+from serving.model.dtypes import torch_dtype
 
 
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=10)
 class ExpertShard:
     def __init__(self, model_path: str, shard_id: int, expert_ids: list[int], dtype: str):
-        torch.set_grad_enabled(False)
         self.shard_id, self.expert_ids = shard_id, list(expert_ids)
         ckpt = Checkpoint(model_path)
         cfg = ModelConfig.from_pretrained(model_path)
-        self.layers = load_experts(ckpt, cfg, self.expert_ids, DTYPES[dtype])
+        self.layers = load_experts(ckpt, cfg, self.expert_ids, torch_dtype(dtype))
         self.bytes_loaded = ckpt.bytes_read
 
+    @torch.inference_mode()  # here, not in __init__: grad mode is per thread, and Serve may call from another
     def run(self, layer: int, call: ShardCall) -> Tensor:
         """Weighted partial sums [R_s, D] of this shard's experts over the rows it was sent."""
         return run_shard_call(self.layers, layer, call)

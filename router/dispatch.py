@@ -68,52 +68,62 @@ def group_by_expert(experts: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
     Returns ``(order [A], counts [E])``: ``experts[order]`` is ascending, assignments of the same
     expert keep their original order (stable), and ``counts[e]`` is how many go to expert e, so
     ``torch.split(order, counts.tolist())`` gives each expert's assignments.
+
+    No host sync here (the caller's ``counts.tolist()`` is the one a split needs): an id past the range
+    shows in the length of bincount's result, so the check costs nothing; a negative id fails in bincount.
     """
-    if experts.numel() and (int(experts.min()) < 0 or int(experts.max()) >= num_experts):
-        raise ValueError(
-            f"group_by_expert: expert ids must be in 0..{num_experts - 1}, "
-            f"got {int(experts.min())}..{int(experts.max())}"
-        )
     order = torch.sort(experts, stable=True).indices  # [A]
-    counts = torch.bincount(experts, minlength=num_experts)  # [E]
+    counts = torch.bincount(experts, minlength=num_experts)  # [E], longer if an id is >= num_experts
+    if counts.numel() > num_experts:
+        raise ValueError(f"group_by_expert: expert ids must be in 0..{num_experts - 1}, got {int(experts.max())}")
     return order, counts
+
+
+def check_expert_map(expert_to_shard: Tensor, num_shards: int) -> None:
+    """Raise ValueError unless every expert maps to a shard in 0..num_shards-1. Called once, when a
+    placement is installed, so that split_by_shard need not check (and sync) on every call."""
+    if expert_to_shard.ndim != 1 or expert_to_shard.numel() == 0:
+        raise ValueError(f"expert_to_shard must be a non-empty [E] tensor, got shape {tuple(expert_to_shard.shape)}")
+    low, high = int(expert_to_shard.min()), int(expert_to_shard.max())
+    if low < 0 or high >= num_shards:
+        raise ValueError(f"expert_to_shard values must be in 0..{num_shards - 1}, got {low}..{high}")
 
 
 def split_by_shard(assignments: Assignments, expert_to_shard: Tensor, num_shards: int) -> list[ShardBatch | None]:
     """Split assignments into one batch per shard; ``None`` for a shard with no rows (do not call it).
 
-    expert_to_shard: [E] int64, the shard that holds each expert.
-    A token routed to two experts of the same shard is sent to that shard once.
+    expert_to_shard: [E] int64, the shard that holds each expert (checked once by check_expert_map;
+    the gate only picks ids in 0..E-1). A token routed to two experts of the same shard is sent to that
+    shard once. Two host syncs whatever the number of shards: unique's result size, and the counts
+    that cut the flat results into per-shard pieces.
     """
-    if expert_to_shard.numel() and (int(expert_to_shard.min()) < 0 or int(expert_to_shard.max()) >= num_shards):
-        raise ValueError(
-            f"split_by_shard: expert_to_shard values must be in 0..{num_shards - 1}, "
-            f"got {int(expert_to_shard.min())}..{int(expert_to_shard.max())}"
-        )
-    if assignments.experts.numel() and int(assignments.experts.max()) >= expert_to_shard.numel():
-        raise ValueError(
-            f"split_by_shard: expert id {int(assignments.experts.max())} has no shard "
-            f"(expert_to_shard covers {expert_to_shard.numel()} experts)"
-        )
+    a = assignments.experts.numel()
+    if a == 0:
+        return [None] * num_shards
     shard_of = expert_to_shard.to(assignments.experts.device)[assignments.experts]  # [A]
-    batches: list[ShardBatch | None] = []
-    for shard in range(num_shards):
-        mine = (shard_of == shard).nonzero().squeeze(1)  # [A_s] positions in the assignments
-        if mine.numel() == 0:
-            batches.append(None)
-            continue
-        # unique(sorted=True) gives the shard's rows in batch order, and `inverse` maps each of its
-        # assignments to a position in them: exactly the re-indexing the shard needs.
-        rows, local_rows = torch.unique(assignments.rows[mine], sorted=True, return_inverse=True)  # [R], [A_s]
-        batches.append(
-            ShardBatch(
-                rows=rows,
-                local_rows=local_rows,
-                experts=assignments.experts[mine],  # [A_s]
-                weights=assignments.weights[mine],  # [A_s]
-            )
-        )
-    return batches
+    order = torch.sort(shard_of, stable=True).indices  # [A] grouped by shard, original order inside
+    # One key per (shard, row): unique(sorted) lists each shard's rows in batch order, shard after shard,
+    # and `inverse` maps every assignment to its row's place in that list.
+    keys = shard_of[order] * a + assignments.rows[order]  # [A]; rows < A, so keys never collide
+    unique_keys, inverse = torch.unique(keys, sorted=True, return_inverse=True)  # [U], [A]
+    ones = torch.ones_like(unique_keys)
+    rows_per_shard = torch.zeros(num_shards, dtype=torch.long, device=keys.device).index_add_(
+        0, unique_keys // a, ones
+    )  # [S]
+    assignments_per_shard = torch.bincount(shard_of, minlength=num_shards)  # [S]
+    row_counts, assignment_counts = torch.stack([rows_per_shard, assignments_per_shard]).tolist()  # host sync
+    row_start = torch.cumsum(rows_per_shard, 0) - rows_per_shard  # [S] where each shard's rows begin
+    pieces = zip(
+        (unique_keys % a).split(row_counts),  # S x [R]
+        (inverse - row_start[shard_of[order]]).split(assignment_counts),  # S x [A_s] index into its rows
+        assignments.experts[order].split(assignment_counts),  # S x [A_s]
+        assignments.weights[order].split(assignment_counts),  # S x [A_s]
+        strict=True,
+    )
+    return [
+        ShardBatch(rows=rows, local_rows=local_rows, experts=experts, weights=weights) if rows.numel() else None
+        for rows, local_rows, experts, weights in pieces
+    ]
 
 
 def combine(out: Tensor, rows: Tensor, partial: Tensor) -> Tensor:

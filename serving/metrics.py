@@ -6,9 +6,9 @@ route, status, shard, layer, expert), never a request id. What measures what:
     TTFT, ITL, end-to-end     MeteredClient, around the engine client the HTTP API calls: what users feel
     HTTP requests             HttpMetrics, an ASGI middleware (route and status code)
     engine step, queue, KV    LLMEngine.record_step, once per engine step
-    tokens per expert         RoutingCounter, counting the gate's choices per (layer, expert)
+    tokens per expert         RoutingCounter (serving/experts/routing_counter.py), the gate's choices
     dispatch per shard        the shard transport (deployments/transport.py)
-    retrieval latency, errors the API's retrieval calls (serving/api_retrieval.py), hop to the Retriever included
+    retrieval latency, errors the API's retrieval calls (serving/api/retrieval.py), hop to the Retriever included
 
 The definitions follow vLLM's serving benchmark: TTFT is the time from receiving the request to its
 first output token; ITL is each gap between successive output tokens; end-to-end is receipt to last token.
@@ -23,8 +23,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-import torch
-from torch import Tensor
+from serving.engine_client import EngineClient, RequestOutput, SamplingParams
 
 # Bucket edges, in seconds or counts.
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
@@ -100,32 +99,15 @@ class MemorySink:
         return [v for n, v, _ in self.records if n == name]
 
 
-class RoutingCounter:
-    """Wraps an ExpertBackend and counts the gate's choices per (layer, expert) until `drain()`."""
-
-    def __init__(self, backend, num_experts: int):
-        self.backend, self.num_experts = backend, num_experts
-        self.counts: dict[int, Tensor] = {}  # layer -> [E] token rows routed so far
-
-    def __call__(self, layer: int, hidden: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
-        routed = torch.bincount(ids.flatten(), minlength=self.num_experts)  # [E]
-        self.counts[layer] = self.counts.get(layer, 0) + routed
-        return self.backend(layer, hidden, weights, ids)
-
-    def drain(self) -> dict[tuple[int, int], int]:
-        """{(layer, expert): rows} for experts that got rows since the last drain."""
-        out = {(layer, e): int(n) for layer, c in self.counts.items() for e, n in enumerate(c.tolist()) if n}
-        self.counts = {}
-        return out
-
-
 class MeteredClient:
-    """An engine client (see serving/api.py) that records TTFT, ITL and end-to-end latency per request."""
+    """An EngineClient (serving/engine_client.py) that records TTFT, ITL and end-to-end latency per request."""
 
-    def __init__(self, client, sink: MetricsSink, model: str):
+    def __init__(self, client: EngineClient, sink: MetricsSink, model: str):
         self.client, self.sink, self.labels = client, sink, {"model": model}
 
-    async def generate(self, prompt_ids, params, request_id=None) -> AsyncIterator:
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
         start = last = time.perf_counter()
         first = True
         # aclosing: leaving early (client gone) closes the inner stream at once, which aborts the request

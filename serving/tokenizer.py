@@ -18,7 +18,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from jinja2 import TemplateError
-from transformers import AutoTokenizer
 
 from serving.errors import CheckpointError, ConfigError, RequestError
 
@@ -49,7 +48,7 @@ class Tokenizer:
         if not any((self.path / name).is_file() for name in _TOKENIZER_FILES):
             raise CheckpointError(f"{self.path} has no tokenizer: expected {' or '.join(_TOKENIZER_FILES)} in it")
         try:
-            self._hf = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+            self._hf = _load_hf_tokenizer(self.path)
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"cannot load the tokenizer in {self.path}: {exc}") from exc
         self.vocab_size: int = len(self._hf)
@@ -92,6 +91,20 @@ class Tokenizer:
                 raise CheckpointError(f"cannot read {file}: {exc}") from exc
             ids.update(_as_id_list(value, file))
         return ids
+
+
+def _load_hf_tokenizer(path: Path):
+    """The checkpoint's fast tokenizer. With a tokenizer.json, transformers' generic fast tokenizer reads it
+    directly: the same ids as the model's own tokenizer class for what we do (no special tokens added), and
+    it does not import torch, which keeps the Ingress process free of the model stack. Without one,
+    AutoTokenizer has to convert a slow tokenizer, and that path imports torch."""
+    if (path / "tokenizer.json").is_file():
+        from transformers.tokenization_utils_tokenizers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
 def _as_id_list(value: object, file: Path) -> list[int]:

@@ -1,5 +1,5 @@
 """vLLM as an engine behind our API: `AsyncVLLMEngine` adapts vLLM's AsyncLLM to the EngineClient
-protocol (serving/api.py), so the HTTP layer, metrics and load tests are the same for both engines.
+protocol (serving/engine_client.py), so the HTTP layer, metrics and load tests are the same for both engines.
 
 >>> engine = AsyncVLLMEngine("demo/", EngineConfig(dtype="float32"), VLLMOptions(enforce_eager=True))
 >>> async for out in engine.generate([1, 2, 3], SamplingParams(max_tokens=8, temperature=0)):
@@ -12,7 +12,7 @@ What maps to what:
 - VLLMOptions (vLLM only): tensor_parallel_size, enable_expert_parallel, enforce_eager.
 - SamplingParams: one for one; top_k None is vLLM's 0 ("off"); outputs are DELTA (only what is new).
   Logprobs are of the raw distribution (vLLM's default logprobs_mode), as ours.
-- Requests are checked by `serving.engine.check_request` before vLLM sees them, so a refusal gives the
+- Requests are checked by `serving.engine.llm_engine.check_request` before vLLM sees them, so a refusal gives the
   same RequestError (and the same HTTP 400) as the native engine.
 
 vLLM is imported only when an engine is built: the base install does not need it, and building one
@@ -30,7 +30,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.engine import EngineConfig, RequestOutput, check_request
+from serving.engine_client import EngineConfig, RequestOutput, SamplingParams, TokenLogprobs, check_request
 from serving.errors import ConfigError, EngineOverloadedError, EngineStoppedError, RequestError
 from serving.metrics import (
     GENERATED_TOKENS,
@@ -43,7 +43,6 @@ from serving.metrics import (
     MetricsSink,
     NullSink,
 )
-from serving.sampling import SamplingParams, TokenLogprobs
 
 INSTALL_HINT = "install it with `make install-vllm` (CPU, this repo's venv) or `pip install vllm` (GPU)"
 
@@ -65,7 +64,8 @@ class VLLMOptions(BaseModel):
 
 def vllm_env(accelerator: str) -> dict[str, str]:
     """Environment for a process that builds an engine. On CPU, the engine core runs its model in its own
-    process rather than in yet another worker process: a start of ~3 s instead of ~17 s (DESIGN.md)."""
+    process rather than in yet another worker process: a start of ~3 s instead of ~17 s (measured on the
+    2-core CI machine)."""
     return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if accelerator == "cpu" else {}
 
 
@@ -193,7 +193,8 @@ class AsyncVLLMEngine:
     def alive(self) -> bool:
         return not self.llm.errored
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop vLLM's engine core (AsyncLLM.shutdown takes no timeout; it returns when the core has gone)."""
         self.llm.shutdown()
 
 

@@ -5,7 +5,7 @@
     1
     >>> [p.source for p in service.retrieve("where do experts live?", top_k=1, collection="docs")]
     ['notes.md']
-    >>> client = AsyncRetrieval(service)        # the same calls as coroutines, for serving/api.py
+    >>> client = AsyncRetrieval(service)        # the same calls as coroutines, for serving/api/retrieval.py
 
 `RetrievalService` is synchronous and owns its store: in embedded mode only one process may open the
 store folder, so one service (one Retriever replica) serves a whole app. `AsyncRetrieval` runs the
@@ -111,7 +111,7 @@ class RetrievalService:
 
 
 class AsyncRetrieval:
-    """The RetrieverClient the HTTP API calls (serving/api_retrieval.py), over a service in this process."""
+    """The RetrieverClient the HTTP API calls (serving/api/retrieval.py), over a service in this process."""
 
     def __init__(self, service: RetrievalService):
         self.service = service

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from serving.engine import LLMEngine
-from serving.sampling import SamplingParams
+from serving.engine.llm_engine import LLMEngine
+from serving.engine_client import SamplingParams
 
 MOE_SERVE = shutil.which("moe-serve", path=str(Path(sys.executable).parent)) or "moe-serve"
 
@@ -39,7 +39,7 @@ def test_make_demo_then_generate_json_matches_the_engine(tmp_path):
     got = json.loads(result.stdout)
     engine = LLMEngine.from_pretrained(out)
     prompt = engine.tokenizer.encode("Experts live on")
-    [want] = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0))
+    [want] = engine.generate_batch([prompt], SamplingParams(max_tokens=8, temperature=0.0))
     assert got["token_ids"] == want.token_ids and got["text"] == want.text
 
     by_ids = cli("generate", "--model", str(out), "--prompt-ids", ",".join(map(str, prompt)), "--max-tokens", "8",

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from deployments.capacity import load_config, plan_capacity
 from deployments.config import AppConfig
 from serving import metrics
-from serving.capacity import load_config, plan_capacity
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from deployments.capacity import CapacityError, count_params, kv_bytes_per_token, load_config, plan_capacity
 from deployments.cli import main
-from serving.capacity import CapacityError, count_params, kv_bytes_per_token, load_config, plan_capacity
 from serving.demo import ARCHS, DEMO_VOCAB_SIZE, demo_config
 from serving.errors import ConfigError
 

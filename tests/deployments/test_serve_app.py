@@ -15,8 +15,8 @@ from ray import serve
 from deployments.app import build_app
 from deployments.local_cluster import wait_ready
 from serving.demo import make_demo
-from serving.engine import LLMEngine
-from serving.sampling import SamplingParams
+from serving.engine.llm_engine import LLMEngine
+from serving.engine_client import SamplingParams
 
 PROMPTS = ["Experts live on", "The router sends each shard", "Hello"]
 _names = itertools.count()
@@ -49,7 +49,7 @@ def complete(url: str, prompt: str, max_tokens: int = 12) -> dict:
 def test_greedy_over_http_equals_in_process_engine_for_1_2_3_shards(serve_url, demos, arch):
     engine = LLMEngine.from_pretrained(demos[arch])
     want = [
-        engine.generate([engine.tokenizer.encode(p)], SamplingParams(max_tokens=12, temperature=0.0))[0].text
+        engine.generate_batch([engine.tokenizer.encode(p)], SamplingParams(max_tokens=12, temperature=0.0))[0].text
         for p in PROMPTS
     ]
     for shards in (1, 2, 3):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from router.dispatch import Assignments, combine, flatten, group_by_expert, split_by_shard
+from router.dispatch import Assignments, check_expert_map, combine, flatten, group_by_expert, split_by_shard
 
 # 8 experts on 3 uneven shards: {0, 1, 2}, {3, 4, 5}, {6, 7}
 EXPERT_TO_SHARD = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
@@ -88,12 +88,15 @@ def test_shard_with_no_rows_is_none():
     assert batches[1].local_rows.tolist() == [1, 0, 2]
 
 
-def test_split_by_shard_rejects_bad_maps():
-    a = flatten(torch.ones(1, 1), torch.tensor([[8]]))
-    with pytest.raises(ValueError, match="expert id 8"):
-        split_by_shard(a, EXPERT_TO_SHARD, num_shards=3)
-    with pytest.raises(ValueError, match="expert_to_shard"):
-        split_by_shard(a, EXPERT_TO_SHARD, num_shards=2)
+def test_bad_maps_are_refused_once_and_bad_ids_still_fail_loudly():
+    check_expert_map(EXPERT_TO_SHARD, num_shards=3)
+    with pytest.raises(ValueError, match=r"0\.\.1, got 0\.\.2"):
+        check_expert_map(EXPERT_TO_SHARD, num_shards=2)
+    with pytest.raises(ValueError, match="non-empty"):
+        check_expert_map(torch.tensor([], dtype=torch.long), num_shards=2)
+    # split_by_shard does not check per call (a host sync); an id past the map is still an error, not a wrong row
+    with pytest.raises(IndexError, match="index 8"):
+        split_by_shard(flatten(torch.ones(1, 1), torch.tensor([[8]])), EXPERT_TO_SHARD, num_shards=3)
 
 
 def test_combine_of_split_equals_unsplit():

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.model import load_local
+from serving.model.decoder import load_local
 from tests.serving.hf_models import build_reference, save_both_layouts
 
 

@@ -8,9 +8,10 @@ import httpx
 import torch
 from fastapi import FastAPI
 
-from serving.engine import EngineConfig, LLMEngine
-from serving.metrics import ALL, EXPERT_TOKENS, HttpMetrics, MemorySink, MeteredClient, RoutingCounter
-from serving.sampling import SamplingParams
+from serving.engine.llm_engine import LLMEngine
+from serving.engine_client import EngineConfig, SamplingParams
+from serving.experts.routing_counter import RoutingCounter
+from serving.metrics import ALL, EXPERT_TOKENS, HttpMetrics, MemorySink, MeteredClient
 
 
 def test_names_units_and_labels_follow_the_conventions():
@@ -27,7 +28,7 @@ def test_engine_records_steps_and_expert_tokens_that_add_up(mixtral):
     sink = MemorySink()
     engine = LLMEngine(model, experts, None, EngineConfig(), metrics=sink, metric_labels={"model": "m", "replica": "r"})
     prompt, new = [5, 6, 7, 8, 9], 4
-    engine.generate([prompt], SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True))
+    engine.generate_batch([prompt], SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True))
     # tokens through the model x top-2 x 2 MoE layers
     assert sum(sink.values(EXPERT_TOKENS.name)) == (len(prompt) + new - 1) * 2 * 2
     assert sum(sink.values("moe_generation_tokens_total")) == new

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from serving.engine import EngineConfig, LLMEngine
+from serving.engine.llm_engine import LLMEngine
+from serving.engine_client import EngineConfig, SamplingParams
 from serving.errors import ConfigError, RequestError
-from serving.sampling import SamplingParams
 from serving.vllm_engine import VLLMOptions, engine_args, require_vllm, to_token_logprobs, vllm_env
 from tests.polling import poll
 
@@ -100,7 +100,7 @@ def test_streams_match_the_native_engine_refuse_and_abort(vllm_engine, demo_dir)
     native = LLMEngine.from_pretrained(demo_dir)
     prompts = [native.tokenizer.encode(p) for p in ("Experts live on", "Hello", "x y z")]
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-    want = [(c.token_ids, c.text) for c in native.generate(prompts, params)]
+    want = [(c.token_ids, c.text) for c in native.generate_batch(prompts, params)]
 
     async def collect(prompt):
         outs = [out async for out in engine.generate(prompt, params)]

@@ -1,0 +1,109 @@
+"""One Serve deployment for both engines: a replica builds its engine from a factory, then serves it.
+
+The factory says what the replica runs and under which deployment name:
+- `NativeEngineFactory` -> deployment `Router`: our engine with the dense part of the model (embeddings,
+  attention and its KV cache, norms, the gate) and continuous batching; routed experts on the
+  ExpertShard-<i> deployments, or in this process when there are no shards.
+- `VLLMEngineFactory` -> deployment `VLLMEngine`: vLLM's AsyncLLM on the whole checkpoint.
+Both build a ServedEngine (serving/engine_client.py), so this class and the Ingress are the same for both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from deployments.config import AppConfig
+from deployments.metrics import RaySink
+from deployments.transport import HandleTransport
+from router.placement import Placement
+from serving.engine_client import RequestOutput, SamplingParams, ServedEngine
+
+
+class EngineFactory(Protocol):
+    """Builds a replica's engine inside the replica (bound arguments travel to it pickled)."""
+
+    deployment_name: str
+
+    def build(self, replica: str) -> ServedEngine: ...
+
+
+@dataclass(frozen=True)
+class NativeEngineFactory:
+    """Our engine; with a placement, the experts live on `shards` (handles of ExpertShard-<i>, in order)."""
+
+    config: dict  # AppConfig, dumped (validated once in build_app, again in the replica)
+    placement: Placement | None
+    shards: list[DeploymentHandle] = field(default_factory=list)
+    deployment_name: str = "Router"
+
+    def build(self, replica: str) -> ServedEngine:
+        # Imported here: the Ingress process imports this module for the factory's type, never the model.
+        from serving.engine.async_engine import AsyncEngine
+        from serving.engine.llm_engine import LLMEngine
+        from serving.experts.loading import load_experts
+        from serving.experts.local import LocalExpertBackend
+        from serving.experts.sharded import ShardedExpertBackend
+        from serving.model.decoder import load_model
+        from serving.model.dtypes import torch_dtype
+        from serving.tokenizer import Tokenizer
+
+        cfg = AppConfig.model_validate(self.config)
+        dtype = torch_dtype(cfg.engine_config.dtype)
+        model, ckpt = load_model(cfg.model, dtype)
+        sink, name = RaySink(), cfg.model_name
+        if self.placement is None:
+            experts = LocalExpertBackend(load_experts(ckpt, model.config, list(range(model.config.num_experts)), dtype))
+        else:
+            experts = ShardedExpertBackend(self.placement, HandleTransport(self.shards, sink, name))
+        labels = {"model": name, "replica": replica}
+        engine = LLMEngine(model, experts, Tokenizer(cfg.model), cfg.engine_config, metrics=sink, metric_labels=labels)
+        return AsyncEngine(engine, name="router")
+
+
+@dataclass(frozen=True)
+class VLLMEngineFactory:
+    """vLLM's AsyncLLM on the whole model (engine: vllm)."""
+
+    config: dict
+    deployment_name: str = "VLLMEngine"
+
+    def build(self, replica: str) -> ServedEngine:
+        from serving.vllm_engine import AsyncVLLMEngine
+
+        cfg = AppConfig.model_validate(self.config)
+        labels = {"model": cfg.model_name, "replica": replica}
+        return AsyncVLLMEngine(cfg.model, cfg.engine_config, cfg.vllm, metrics=RaySink(), metric_labels=labels)
+
+
+@serve.deployment(max_ongoing_requests=256, health_check_period_s=10)
+class EngineReplica:
+    async def __init__(self, factory: EngineFactory):
+        # async: vLLM's output handler must live on the event loop that runs `generate`
+        self.engine = factory.build(serve.get_replica_context().replica_tag)
+
+    def limits(self) -> dict:
+        """The context limit this replica enforces (model, config and KV cache size together)."""
+        return {"max_model_len": self.engine.max_model_len}
+
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs (a Serve streaming method: call with handle.options(stream=True))."""
+        async with aclosing(self.engine.generate(prompt_ids, params, request_id)) as stream:
+            async for out in stream:  # cancelled by the caller: closing the stream aborts the request
+                yield out
+
+    def check_health(self) -> None:
+        if not self.engine.alive:
+            raise RuntimeError("the engine has stopped")
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown(timeout=5)

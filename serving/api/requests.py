@@ -1,0 +1,279 @@
+"""OpenAI API request bodies (/v1/completions, /v1/chat/completions) and the error body, as pydantic models.
+
+>>> req = ChatCompletionRequest.model_validate({"model": "demo", "messages": [{"role": "user", "content": "Hi"}]})
+>>> params = req.sampling_params(prompt_tokens=len(prompt_ids), max_model_len=2048)
+
+Which fields are accepted (a field not listed here is refused with a 400 naming it, never ignored):
+- supported: model, max_tokens (chat also max_completion_tokens), temperature (0..2), top_p, stop (up to 4),
+  seed, stream, stream_options.include_usage, user (ignored), and per route: completions prompt, echo,
+  logprobs (0..5); chat messages (system/user/assistant, string or text-part content), logprobs (bool),
+  top_logprobs (0..20). Extensions, as in vLLM: top_k, ignore_eos; ours: retrieval (RAG, see
+  serving/api/retrieval_bodies.py).
+- accepted only at their no-op value, because clients send them by default: n=1, best_of=1,
+  frequency_penalty=0, presence_penalty=0, logit_bias={} / null, response_format={"type": "text"}, suffix=null.
+  Any other value is a 400 that names the field.
+- refused: tools, functions, audio, images, several prompts in one request, unknown fields, unknown roles.
+- rules between fields: stream_options needs stream=true; chat top_logprobs needs logprobs=true; chat
+  max_tokens and max_completion_tokens must agree when both are sent; completions echo with logprobs is
+  refused (the engine has no prompt logprobs). Text parts of one message are joined with newlines.
+Responses are in `serving/api/responses.py`; token logprobs in `serving/api/logprobs.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+
+from serving.api.retrieval_bodies import RetrievalOptions
+from serving.engine_client import MAX_LOGPROBS, SamplingParams
+from serving.errors import RequestError
+
+MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_COMPLETION_LOGPROBS = 5  # /v1/completions `logprobs` is capped at 5 by OpenAI; chat allows MAX_LOGPROBS
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def _one_prompt(value: Any) -> Any:
+    """A completion prompt: a string, a list of token ids, or a list holding exactly one of those."""
+    if isinstance(value, list) and value and isinstance(value[0], str | list):
+        if len(value) != 1:
+            raise ValueError(f"{len(value)} prompts in one request; this server takes one prompt per request")
+        value = value[0]
+    if isinstance(value, str) or (isinstance(value, list) and all(type(v) is int for v in value)):
+        return value
+    raise ValueError("must be a string, a list of token ids, or a list holding exactly one of those")
+
+
+def _message_text(value: Any) -> Any:
+    """Message content: a string, or a list of {"type": "text", "text": ...} parts (joined with newlines)."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list) or not value:
+        raise ValueError('must be a string or a non-empty list of {"type": "text", "text": ...} parts')
+    texts = []
+    for i, part in enumerate(value):
+        if not isinstance(part, dict) or part.get("type") != "text":
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise ValueError(f'part {i} has type {kind!r}; only {{"type": "text", "text": ...}} parts are supported')
+        if set(part) != {"type", "text"} or not isinstance(part["text"], str):
+            raise ValueError(f'part {i} must be exactly {{"type": "text", "text": <string>}}')
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = Field(False, description="Send a last chunk with token usage (and empty choices).")
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text"] = Field(description="Only plain text; JSON modes are not supported.")
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[str, BeforeValidator(_message_text)]
+
+
+class _SamplingRequest(_Strict):
+    """Fields both routes share, and their conversion to SamplingParams."""
+
+    model: str = Field(description="Must be the served model's name (GET /v1/models).")
+    temperature: float | None = Field(None, ge=0, le=2, description="0 is greedy; default 1.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass; default 1.")
+    top_k: int | None = Field(None, ge=1, description="Extension: sample among the k most likely tokens.")
+    stop: str | list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, description=f"Up to {MAX_STOP_STRINGS} strings; the text ends before the first one generated."
+    )
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1], description="Same seed, same tokens.")
+    stream: bool = Field(False, description="Stream server-sent events.")
+    stream_options: StreamOptions | None = Field(None, description="Only with stream=true.")
+    ignore_eos: bool = Field(False, description="Extension: keep generating past end-of-sequence tokens.")
+    user: str | None = Field(None, description="Accepted and ignored.")
+    n: int | None = Field(None, description="Only 1.")
+    frequency_penalty: float | None = Field(None, description="Only 0 (penalties are not implemented).")
+    presence_penalty: float | None = Field(None, description="Only 0 (penalties are not implemented).")
+    logit_bias: dict[str, float] | None = Field(None, description="Only empty.")
+    response_format: ResponseFormat | None = Field(None, description='Only {"type": "text"}.')
+    retrieval: RetrievalOptions | None = Field(
+        None, description="Extension: retrieve passages and put them in the prompt (RAG); omitted: no retrieval."
+    )
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if v == "":
+            raise ValueError("must not be empty")
+        if isinstance(v, list) and len(v) > MAX_STOP_STRINGS:
+            raise ValueError(f"{len(v)} stop strings; at most {MAX_STOP_STRINGS} are allowed")
+        return v
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if v is not None and not info.data.get("stream"):
+            raise ValueError("only allowed when stream is true")
+        return v
+
+    @field_validator("n")
+    @classmethod
+    def _n(cls, v: int | None) -> int | None:
+        if v not in (None, 1):
+            raise ValueError(f"{v}: only one choice per request is supported; send {v} requests instead")
+        return v
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _penalty(cls, v: float | None) -> float | None:
+        if v not in (None, 0):
+            raise ValueError(f"{v}: penalties are not supported; omit the field or send 0")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v:
+            raise ValueError("logit_bias is not supported; omit the field or send {}")
+        return v
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def _max_tokens(self) -> int | None:
+        raise NotImplementedError
+
+    def _logprobs(self) -> int | None:
+        raise NotImplementedError
+
+    def sampling_params(self, prompt_tokens: int, max_model_len: int) -> SamplingParams:
+        """The engine's parameters. A request without max_tokens may fill the context: max_model_len - prompt_tokens.
+        Raises RequestError (naming the field) for values the engine cannot take."""
+        max_tokens = self._max_tokens()
+        if max_tokens is None:
+            if prompt_tokens >= max_model_len:
+                raise RequestError(
+                    f"the prompt has {prompt_tokens} tokens and fills this model's maximum context length of "
+                    f"{max_model_len} tokens (prompt and output together); shorten the prompt"
+                )
+            max_tokens = max_model_len - prompt_tokens
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            stop=stop,
+            ignore_eos=self.ignore_eos,
+            logprobs=self._logprobs(),
+        )
+
+
+class CompletionRequest(_SamplingRequest):
+    """POST /v1/completions: complete a raw prompt (no chat template)."""
+
+    prompt: Annotated[str | list[int], BeforeValidator(_one_prompt)] = Field(
+        description="A string (encoded without special tokens), token ids, or a list holding one of those."
+    )
+    max_tokens: int | None = Field(16, ge=1, description="Default 16, as OpenAI; null: fill the context.")
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_COMPLETION_LOGPROBS, description="Log-probabilities of each token and its N best rivals."
+    )
+    echo: bool = Field(False, description="Prepend the prompt to the returned text.")
+    best_of: int | None = Field(None, description="Only 1.")
+    suffix: str | None = Field(None, description="Only null or empty (no insertion).")
+
+    @field_validator("echo")
+    @classmethod
+    def _echo(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("logprobs") is not None:
+            raise ValueError("echo with logprobs is not supported yet (it needs prompt logprobs)")
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v: int | None) -> int | None:
+        if v not in (None, 1):
+            raise ValueError(f"{v}: only 1 is supported")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v: str | None) -> str | None:
+        if v:
+            raise ValueError("insertion after a suffix is not supported; omit the field")
+        return v
+
+    def _max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def _logprobs(self) -> int | None:
+        return self.logprobs
+
+    def retrieval_query(self) -> str:
+        """What retrieval searches for: the prompt text."""
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise RequestError("retrieval: needs a text prompt to search for (not token ids, not blank)")
+        return self.prompt
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """POST /v1/chat/completions: messages rendered with the checkpoint's chat template."""
+
+    messages: list[ChatMessage] = Field(min_length=1, description="system / user / assistant turns.")
+    max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI; default: fill the context.")
+    max_completion_tokens: int | None = Field(None, ge=1, description="Default: fill the context.")
+    logprobs: bool = Field(False, description="Return each output token's log-probability.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="With logprobs=true: the N most likely tokens at each position."
+    )
+
+    @field_validator("max_completion_tokens")
+    @classmethod
+    def _one_limit(cls, v: int | None, info: ValidationInfo) -> int | None:
+        other = info.data.get("max_tokens")
+        if v is not None and other is not None and v != other:
+            raise ValueError(f"{v} disagrees with max_tokens={other}; send only one of them")
+        return v
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs=true")
+        return v
+
+    def _max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def _logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def template_messages(self) -> list[dict[str, str]]:
+        """The messages as the chat template takes them."""
+        return [{"role": m.role, "content": m.content} for m in self.messages]
+
+    def retrieval_query(self) -> str:
+        """What retrieval searches for: the last user message."""
+        for m in reversed(self.messages):
+            if m.role == "user" and m.content.strip():
+                return m.content
+        raise RequestError("retrieval: needs a non-empty user message to search for")
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+
+    error: ErrorInfo

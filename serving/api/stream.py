@@ -1,0 +1,145 @@
+"""Server-sent event streams for /v1/completions and /v1/chat/completions (stream=true).
+
+>>> started = Started(first_output, rest_of_outputs)      # an engine request that was accepted
+>>> events = chat_events(started, "chatcmpl-1", created, "demo", texts, logprobs=False, include_usage=True)
+>>> [e async for e in events]   # ['data: {..."delta":{"role":"assistant","content":""}...}\\n\\n', ...,
+...                             #  'data: [DONE]\\n\\n']
+
+Order, as OpenAI: (extension, only for requests with `retrieval`) a chunk with empty choices and the
+retrieved sources; (chat) a chunk with the role; chunks with text deltas (a delta with no text is
+skipped unless it carries logprobs or the finish_reason); with include_usage a last chunk with empty
+choices and the usage; then [DONE]. A failure mid-stream is sent as `data: {"error": {...}}`, then [DONE].
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from pydantic import BaseModel
+
+from serving.api.errors import as_api_error
+from serving.api.logprobs import TokenTexts, chat_logprobs, completion_logprobs
+from serving.api.requests import ErrorResponse
+from serving.api.responses import (
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    CompletionChoice,
+    CompletionChunk,
+    Delta,
+    Usage,
+)
+from serving.api.retrieval_bodies import RetrievalInfo
+from serving.engine_client import RequestOutput
+
+log = logging.getLogger(__name__)
+
+DONE = "data: [DONE]\n\n"
+
+
+class Started:
+    """An accepted request: its first output (already received) and the rest; `aclose()` aborts it."""
+
+    def __init__(self, first: RequestOutput, rest: AsyncIterator[RequestOutput]):
+        self.first, self._rest = first, rest
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        yield self.first
+        async for out in self._rest:
+            yield out
+
+    async def aclose(self) -> None:
+        close = getattr(self._rest, "aclose", None)
+        if close is not None:
+            await close()
+
+
+def _event(body: BaseModel) -> str:
+    return f"data: {body.model_dump_json()}\n\n"
+
+
+def _usage(out: RequestOutput) -> Usage:
+    return Usage.of(out.num_prompt_tokens, out.num_output_tokens)
+
+
+async def _sse(chunks: AsyncIterator[str], request_id: str) -> AsyncIterator[str]:
+    """`chunks`, then [DONE]; an exception becomes an error event first (the response has begun)."""
+    try:
+        async with aclosing(chunks):
+            async for chunk in chunks:
+                yield chunk
+    except Exception as exc:
+        error = as_api_error(exc)
+        if error.status >= 500:
+            log.exception("request %s failed while streaming", request_id)
+        yield _event(ErrorResponse(error=error.info))
+    yield DONE
+
+
+def completion_events(
+    started: Started,
+    request_id: str,
+    created: int,
+    model: str,
+    texts: TokenTexts,
+    echo: str,
+    logprobs: bool,
+    include_usage: bool,
+    retrieval: RetrievalInfo | None = None,
+) -> AsyncIterator[str]:
+    """The /v1/completions stream; `echo` (the prompt text, or "") comes first."""
+
+    def chunk(choices: list[CompletionChoice], usage: Usage | None = None, **extra) -> str:
+        body = CompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage, **extra)
+        return _event(body)
+
+    async def chunks() -> AsyncIterator[str]:
+        offset, last = len(echo), started.first
+        if retrieval is not None:
+            yield chunk([], retrieval=retrieval)
+        if echo:
+            yield chunk([CompletionChoice(text=echo)])
+        async for out in started:
+            last = out
+            lp = completion_logprobs(out.new_logprobs, texts, offset) if logprobs else None
+            offset += sum(len(t) for t in lp.tokens) if lp else 0
+            if out.new_text or out.finished or lp:
+                yield chunk([CompletionChoice(text=out.new_text, logprobs=lp, finish_reason=out.finish_reason)])
+        if include_usage:
+            yield chunk([], _usage(last))
+
+    return _sse(chunks(), request_id)
+
+
+def chat_events(
+    started: Started,
+    request_id: str,
+    created: int,
+    model: str,
+    texts: TokenTexts,
+    logprobs: bool,
+    include_usage: bool,
+    retrieval: RetrievalInfo | None = None,
+) -> AsyncIterator[str]:
+    """The /v1/chat/completions stream."""
+
+    def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None, **extra) -> str:
+        body = ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage, **extra)
+        return _event(body)
+
+    async def chunks() -> AsyncIterator[str]:
+        last = started.first
+        if retrieval is not None:
+            yield chunk([], retrieval=retrieval)
+        yield chunk([ChatChunkChoice(delta=Delta(role="assistant", content=""))])
+        async for out in started:
+            last = out
+            lp = chat_logprobs(out.new_logprobs, texts) if logprobs else None
+            if out.new_text or out.finished or lp:
+                delta = Delta(content=out.new_text) if out.new_text else Delta()
+                yield chunk([ChatChunkChoice(delta=delta, logprobs=lp, finish_reason=out.finish_reason)])
+        if include_usage:
+            yield chunk([], _usage(last))
+
+    return _sse(chunks(), request_id)

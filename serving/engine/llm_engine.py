@@ -1,0 +1,229 @@
+"""The engine: `step()` is schedule -> run the model -> postprocess, as in nano-vllm.
+
+>>> engine = LLMEngine.from_pretrained("demo/", EngineConfig())
+>>> [result] = engine.generate_batch([[1, 2, 3]], SamplingParams(max_tokens=8, temperature=0))
+>>> result.token_ids
+
+`generate_batch` is the offline entry (all prompts to completion); serving streams through
+serving/engine/async_engine.py, which drives `add_request` / `step` / `abort` from one thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from serving.engine.kv_cache import BlockAllocator, KVCache
+from serving.engine.model_runner import ModelRunner
+from serving.engine.sampler import make_generator, sample, token_logprobs
+from serving.engine.scheduler import Scheduler
+from serving.engine.sequence import Sequence, Status
+from serving.engine.stops import StopChecker
+from serving.engine_client import EngineConfig, RequestOutput, SamplingParams, TokenLogprobs, check_request
+from serving.errors import EngineOverloadedError, RequestError
+from serving.experts.backend import ExpertBackend
+from serving.experts.routing_counter import RoutingCounter
+from serving.metrics import (
+    BATCH,
+    EXPERT_TOKENS,
+    GENERATED_TOKENS,
+    KV_USAGE,
+    PROMPT_TOKENS,
+    QUEUE,
+    RUNNING,
+    STEP,
+    WAITING,
+    Metric,
+    MetricsSink,
+    NullSink,
+)
+from serving.model.decoder import MoEForCausalLM, load_local
+from serving.model.dtypes import torch_dtype
+from serving.tokenizer import Tokenizer
+
+
+@dataclass
+class GenerationResult:
+    """A whole request's result (from `generate_batch`)."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: MoEForCausalLM,
+        experts: ExpertBackend,
+        tokenizer: Tokenizer | None,
+        config: EngineConfig,
+        metrics: MetricsSink | None = None,
+        metric_labels: dict[str, str] | None = None,
+    ):
+        self.config, self.tokenizer = config, tokenizer
+        self.model_config = model.config
+        shapes = model.cache_shapes()
+        num_blocks = KVCache.blocks_in_budget(
+            shapes, int(config.kv_cache_mb * 2**20), config.block_size, torch_dtype(config.dtype)
+        )
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_mb={config.kv_cache_mb} holds no block of {config.block_size} tokens")
+        # The context limit: the model's, the config's, and what the whole KV cache can hold for one request.
+        self.max_model_len = min(
+            config.max_model_len or model.config.max_position_embeddings,
+            model.config.max_position_embeddings,
+            num_blocks * config.block_size,
+        )
+        self.allocator = BlockAllocator(num_blocks, config.block_size)
+        self.cache = KVCache(shapes, num_blocks, config.block_size, torch_dtype(config.dtype))
+        self.scheduler = Scheduler(self.allocator, config.max_batched_tokens, config.max_running)
+        self.metrics, self.metric_labels = metrics or NullSink(), dict(metric_labels or {"model": "model"})
+        self.routing = RoutingCounter(experts, model.config.num_experts)  # tokens per expert, for metrics
+        self.runner = ModelRunner(model, self.routing, self.cache, self.allocator)
+        self.eos_ids = frozenset(tokenizer.eos_token_ids if tokenizer else model.config.eos_token_ids)
+        self._seqs: dict[str, Sequence] = {}
+        self._stops: dict[str, StopChecker] = {}
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None) -> LLMEngine:
+        """The whole model in this process, with its tokenizer."""
+        config = config or EngineConfig()
+        model, experts = load_local(path, torch_dtype(config.dtype))
+        return cls(model, experts, Tokenizer(path), config)
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise RequestError if this request can never be served (before it takes a queue place)."""
+        check_request(prompt_ids, params, self.model_config.vocab_size, self.max_model_len)
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        self.check_request(prompt_ids, params)
+        if self.num_waiting >= self.config.max_waiting:
+            raise EngineOverloadedError(
+                f"{self.num_waiting} requests are waiting (max_waiting={self.config.max_waiting}); retry later"
+            )
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._seqs:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        seq = Sequence(request_id, list(prompt_ids), params, make_generator(params.seed), time.perf_counter())
+        self._seqs[request_id] = seq
+        self._stops[request_id] = StopChecker(self.tokenizer, params.stop)
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its cache; False if it was not running."""
+        seq = self._seqs.pop(request_id, None)
+        self._stops.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.remove(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, "abort"
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    # -- the step ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()  # where the work runs: grad mode is per thread (AsyncEngine steps on its own)
+    def step(self) -> list[RequestOutput]:
+        """Run one batch: schedule, forward, sample, detect ends. Returns outputs of requests that moved."""
+        start = time.perf_counter()
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        for chunk in chunks:
+            if not chunk.seq.scheduled:
+                chunk.seq.scheduled = True
+                self._record(QUEUE, start - chunk.seq.arrival_time)
+        logits = self.runner.run(chunks)  # {seq: [V] float32} for sequences whose prompt is done
+        outputs = []
+        for chunk in chunks:
+            seq = chunk.seq
+            seq.num_cached += chunk.num_new
+            if seq not in logits:
+                continue  # mid-prefill: nothing to sample yet
+            outputs.append(self._append_token(seq, logits[seq]))
+        self._record_step(time.perf_counter() - start, sum(c.num_new for c in chunks), len(outputs))
+        return outputs
+
+    def _record(self, metric: Metric, value: float, **labels: str) -> None:
+        base = {k: v for k, v in self.metric_labels.items() if k in metric.labels}
+        self.metrics.record(metric, value, {**base, **labels})
+
+    def _record_step(self, seconds: float, tokens: int, sampled: int) -> None:
+        self._record(STEP, seconds)
+        self._record(BATCH, tokens)
+        self._record(GENERATED_TOKENS, sampled)
+        self._record(RUNNING, self.num_running)
+        self._record(WAITING, self.num_waiting)
+        self._record(KV_USAGE, self.allocator.usage)
+        for (layer, expert), rows in self.routing.drain().items():
+            self._record(EXPERT_TOKENS, rows, layer=str(layer), expert=str(expert))
+
+    def _append_token(self, seq: Sequence, logits: torch.Tensor) -> RequestOutput:
+        params = seq.params
+        token = sample(logits, params, seq.generator)
+        seq.token_ids.append(token)
+        new_logprobs = []
+        if params.logprobs is not None:
+            new_logprobs = [token_logprobs(logits, token, params.logprobs)]
+            seq.logprobs.extend(new_logprobs)
+        stops = self._stops[seq.request_id]
+        text, stopped = stops.append(token)
+        if stopped or token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos):
+            seq.finish_reason = "stop"
+        elif len(seq.output_ids) >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            text += stops.flush()
+            seq.status = Status.FINISHED
+            self._record(PROMPT_TOKENS, seq.num_prompt)
+            self.scheduler.remove(seq)
+            del self._seqs[seq.request_id], self._stops[seq.request_id]
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=[token],
+            new_text=text,
+            new_logprobs=new_logprobs,
+            finished=seq.finish_reason is not None,
+            finish_reason=seq.finish_reason,
+            num_prompt_tokens=seq.num_prompt,
+            num_output_tokens=len(seq.output_ids),
+        )
+
+    # -- offline use ------------------------------------------------------------------------------
+
+    def generate_batch(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[GenerationResult]:
+        """Run `prompts` to completion together (continuous batching) and return them in order."""
+        all_params = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, all_params, strict=True)]
+        done = {i: GenerationResult(i, [], "", None) for i in ids}
+        while self.has_unfinished():
+            for out in self.step():
+                c = done[out.request_id]
+                c.token_ids += out.new_token_ids
+                c.text += out.new_text
+                c.logprobs += out.new_logprobs
+                c.finish_reason = out.finish_reason
+        return [done[i] for i in ids]

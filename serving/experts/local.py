@@ -1,0 +1,134 @@
+"""Routed experts computed in this process: one layer's experts as stacked weights, and the backend
+over them. A shard replica (deployments/shard_deployment.py) runs the same StackedExperts.
+
+Usage::
+
+    layer_experts = StackedExperts(gate_up, down, expert_ids=range(8))
+    backend = LocalExpertBackend({3: layer_experts})
+    out = backend(3, hidden, weights, ids)   # [T, D]
+"""
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from router.dispatch import flatten, group_by_expert
+
+# T = tokens, K = experts per token, D = hidden, I = expert intermediate size,
+# E_held = experts held here, R = rows sent here, A = assignments, n = rows of one expert
+
+
+class StackedExperts:
+    """The gated-SiLU experts of one layer held by one process, as stacked weights.
+
+    gate_up: [E_held, 2I, D], gate rows first, then up rows (HF's fused ``gate_up_proj``).
+    down: [E_held, D, I] (HF's fused ``down_proj``).
+    expert_ids: the global ids of the held experts, ascending; ``gate_up[i]`` is expert ``expert_ids[i]``.
+    Expert e computes ``down_e @ (silu(gate_e @ x) * (up_e @ x))``.
+    """
+
+    def __init__(self, gate_up: Tensor, down: Tensor, expert_ids: Iterable[int] | Tensor) -> None:
+        ids = torch.as_tensor(list(expert_ids) if not isinstance(expert_ids, Tensor) else expert_ids)
+        ids = ids.to(device=gate_up.device, dtype=torch.int64)  # [E_held]
+        held = ids.shape[0]
+        if gate_up.ndim != 3 or down.ndim != 3 or gate_up.shape[0] != held or down.shape[0] != held:
+            raise ValueError(
+                f"StackedExperts: gate_up must be [{held}, 2I, D] and down [{held}, D, I] for "
+                f"{held} expert_ids, got gate_up {tuple(gate_up.shape)} and down {tuple(down.shape)}"
+            )
+        two_i, hidden_size = gate_up.shape[1:]
+        if two_i % 2 or down.shape[1:] != (hidden_size, two_i // 2):
+            raise ValueError(
+                f"StackedExperts: gate_up {tuple(gate_up.shape)} and down {tuple(down.shape)} disagree: "
+                f"expected down [{held}, {hidden_size}, {two_i // 2}] and an even gate_up dim 1"
+            )
+        if down.dtype != gate_up.dtype or down.device != gate_up.device:
+            raise ValueError(
+                f"StackedExperts: gate_up ({gate_up.dtype}, {gate_up.device}) and down "
+                f"({down.dtype}, {down.device}) must share dtype and device"
+            )
+        if held == 0 or int(ids.min()) < 0 or not bool((ids[1:] > ids[:-1]).all()):
+            raise ValueError(f"StackedExperts: expert_ids must be non-empty, >= 0, strictly ascending: {ids.tolist()}")
+        self.gate_up = gate_up
+        self.down = down
+        self.expert_ids = ids
+        # global id -> position in the stack, built once: ids not held (and any id past the table) map to
+        # `held`, an overflow bucket that forward() counts along with the rest, so checking costs no sync.
+        lookup = torch.full((int(ids[-1]) + 2,), held, dtype=torch.int64, device=ids.device)  # [max id + 2]
+        lookup[ids] = torch.arange(held, device=ids.device)
+        self._lookup = lookup
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of expert weights held (gate_up + down)."""
+        return sum(t.numel() * t.element_size() for t in (self.gate_up, self.down))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.gate_up.dtype
+
+    def to_local(self, experts: Tensor) -> Tensor:
+        """Map global expert ids [A] to positions in the stack [A]; an id not held maps to E_held."""
+        experts = experts.to(self._lookup.device)  # [A]
+        past = self._lookup.numel() - 1
+        return self._lookup[torch.where(experts < 0, past, experts).clamp_(max=past)]  # [A]
+
+    def _refuse_missing(self, experts: Tensor, local: Tensor) -> None:
+        bad = int(experts.to(local.device)[local == self.expert_ids.numel()][0])  # error path: syncs are fine
+        raise ValueError(f"expert id {bad} is not held here (held: {_describe_ids(self.expert_ids)})")
+
+    def forward(self, hidden: Tensor, local_rows: Tensor, experts: Tensor, weights: Tensor) -> Tensor:
+        """Weighted expert outputs summed per row: ``out [R, D]`` in hidden's dtype.
+
+        hidden: [R, D] the rows sent here; local_rows, experts, weights: [A] assignments, where
+        assignment a adds ``weights[a] * expert_{experts[a]}(hidden[local_rows[a]])`` to
+        ``out[local_rows[a]]``. Each expert runs once over all its rows; unused experts cost nothing.
+        """
+        out = torch.zeros_like(hidden)  # [R, D]
+        if experts.numel() == 0:
+            return out
+        held = self.expert_ids.numel()
+        local = self.to_local(experts)  # [A], held = not held here
+        order, counts = group_by_expert(local, held + 1)  # [A], [E_held + 1]
+        counts = counts.tolist()  # the one host sync per call: split sizes (and the not-held count)
+        if counts[held]:
+            self._refuse_missing(experts, local)
+        rows_by_expert = local_rows.to(hidden.device)[order].split(counts)  # E_held + 1 x [n]
+        weights_by_expert = weights.to(hidden.device)[order].split(counts)  # E_held + 1 x [n]
+        # Ascending expert order, adding into `out` in hidden's dtype: the same order of roundings
+        # as transformers' eager experts loop, so bf16 results match it too.
+        for e, (rows, w) in enumerate(zip(rows_by_expert[:held], weights_by_expert[:held], strict=True)):
+            if rows.numel() == 0:  # sizes come from `counts`: no sync
+                continue
+            x = hidden[rows].to(self.dtype)  # [n, D]
+            gate, up = F.linear(x, self.gate_up[e]).chunk(2, dim=-1)  # [n, I], [n, I]
+            y = F.linear(F.silu(gate) * up, self.down[e])  # [n, D]
+            # The product follows torch promotion (float32 gate weights with bf16 experts multiply in
+            # float32), then rounds once to hidden's dtype, as transformers does.
+            out.index_add_(0, rows, (y * w[:, None]).to(out.dtype))  # [R, D]
+        return out
+
+
+class LocalExpertBackend:
+    """``ExpertBackend`` computing in this process, over ``{layer: StackedExperts}``."""
+
+    def __init__(self, layers: dict[int, StackedExperts]) -> None:
+        self.layers = dict(layers)
+
+    def __call__(self, layer: int, hidden: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
+        experts = self.layers.get(layer)
+        if experts is None:
+            raise ValueError(f"LocalExpertBackend holds no experts for layer {layer} (holds {sorted(self.layers)})")
+        a = flatten(weights, ids)  # [K * T] assignments; row = token
+        return experts.forward(hidden, a.rows, a.experts, a.weights)  # [T, D]
+
+
+def _describe_ids(ids: Tensor) -> str:
+    """'0..3' for a contiguous range of ids, else the list (shortened past 16)."""
+    first, last = int(ids[0]), int(ids[-1])
+    if last - first + 1 == ids.numel():
+        return f"{first}..{last}"
+    listed = ids.tolist()
+    return str(listed) if len(listed) <= 16 else f"{listed[:16]}... ({len(listed)} ids)"

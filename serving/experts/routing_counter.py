@@ -1,0 +1,37 @@
+"""Counting the gate's choices per (layer, expert): an ExpertBackend wrapper in the data path.
+
+The engine drains the counts once per step into moe_expert_tokens_total{layer, expert}, which makes
+routing imbalance visible. Counting stays on the device (one bincount per layer); the only host sync
+is the drain, once per step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from serving.experts.backend import ExpertBackend
+
+# T = tokens, K = experts per token, D = hidden, E = routed experts
+
+
+class RoutingCounter:
+    """Wraps an ExpertBackend and counts the gate's choices per (layer, expert) until `drain()`."""
+
+    def __init__(self, backend: ExpertBackend, num_experts: int):
+        self.backend, self.num_experts = backend, num_experts
+        self.counts: dict[int, Tensor] = {}  # layer -> [E] token rows routed so far
+
+    def __call__(self, layer: int, hidden: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
+        routed = torch.bincount(ids.flatten(), minlength=self.num_experts)  # [E]
+        self.counts[layer] = self.counts.get(layer, 0) + routed
+        return self.backend(layer, hidden, weights, ids)
+
+    def drain(self) -> dict[tuple[int, int], int]:
+        """{(layer, expert): rows} for experts that got rows since the last drain."""
+        if not self.counts:
+            return {}
+        layers = list(self.counts)
+        rows = torch.stack([self.counts[layer] for layer in layers]).tolist()  # [layers, E]: one host sync
+        self.counts = {}
+        return {(layer, e): n for layer, counts in zip(layers, rows, strict=True) for e, n in enumerate(counts) if n}

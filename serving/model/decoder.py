@@ -1,0 +1,126 @@
+"""The decoder for all five architectures, and loading it from a checkpoint.
+
+Shape legend: T = new tokens in the step (all sequences flattened), D = hidden, V = vocabulary.
+
+Module and parameter names mirror the Hugging Face checkpoints (model.layers.{i}.self_attn.q_proj, ...),
+so the dense part loads by name. Routed experts are not parameters of this module: they live behind
+an ExpertBackend (in process, or on remote shards), passed to `forward`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from serving.experts.backend import ExpertBackend
+from serving.experts.loading import load_experts
+from serving.experts.local import LocalExpertBackend
+from serving.model.attention import AttentionMetadata, GQAttention
+from serving.model.checkpoint import Checkpoint
+from serving.model.config import ModelConfig
+from serving.model.layers import GatedMLP, RMSNorm
+from serving.model.mla import MLAttention
+from serving.model.moe import MoEBlock
+from serving.model.rope import RotaryEmbedding, softmax_scale
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.mla is not None:
+            scale = softmax_scale(cfg.rope, cfg.mla.qk_head_dim)
+            self.self_attn = MLAttention(cfg.hidden_size, cfg.num_heads, cfg.mla, cfg.o_bias, cfg.rms_norm_eps, scale)
+        else:
+            self.self_attn = GQAttention(
+                cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                cfg.qkv_bias, cfg.o_bias, cfg.qk_norm, cfg.clip_qkv, cfg.rms_norm_eps,
+            )  # fmt: skip
+        self.sparse = cfg.sparse_layers[layer_id]
+        self.mlp = MoEBlock(cfg, layer_id) if self.sparse else GatedMLP(cfg.hidden_size, cfg.dense_intermediate_size)
+
+    def forward(
+        self,
+        x: Tensor,
+        meta: AttentionMetadata,
+        cache: list[Tensor],
+        rope: RotaryEmbedding,
+        experts: ExpertBackend,
+    ) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), meta, cache, rope)  # [T, D]
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, experts) if self.sparse else self.mlp(h))  # [T, D]
+
+
+class DecoderStack(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MoEForCausalLM(nn.Module):
+    """The dense part of an MoE language model; experts are reached through an ExpertBackend."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderStack(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = self._rotary(cfg)
+
+    @staticmethod
+    def _rotary(cfg: ModelConfig) -> RotaryEmbedding:
+        rotary_dim = cfg.mla.qk_rope_head_dim if cfg.mla is not None else cfg.head_dim
+        return RotaryEmbedding(cfg.rope, rotary_dim, cfg.max_position_embeddings, interleaved=cfg.rope_interleaved)
+
+    def cache_shapes(self) -> list[list[tuple[int, ...]]]:
+        """Per layer, the shapes of the rows one token keeps in the KV cache."""
+        return [layer.self_attn.cache_shapes() for layer in self.model.layers]
+
+    def forward(
+        self, input_ids: Tensor, meta: AttentionMetadata, caches: list[list[Tensor]], experts: ExpertBackend
+    ) -> Tensor:
+        """Run the new tokens input_ids [T] of a step; returns final hidden states [T, D]."""
+        x = self.model.embed_tokens(input_ids)  # [T, D]
+        for layer, cache in zip(self.model.layers, caches, strict=True):
+            x = layer(x, meta, cache, self.rotary, experts)
+        return self.model.norm(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """[N, D] -> [N, V] float32 logits (only for the rows that are sampled)."""
+        return self.lm_head(hidden).float()
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[MoEForCausalLM, Checkpoint]:
+    """Build the dense part of the model at `path` and load its weights (routed experts excluded).
+
+    Returns the model (eval mode, no grad needed) and the open Checkpoint, from which experts are read.
+    """
+    cfg = ModelConfig.from_pretrained(path)
+    ckpt = Checkpoint(path)
+    with torch.device("meta"):  # no time spent initialising weights we overwrite
+        model = MoEForCausalLM(cfg)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if cfg.tie_word_embeddings and not ckpt.has("lm_head.weight"):
+        del shapes["lm_head.weight"]  # tied: the embedding serves as the output head
+    state = {name: ckpt.read(name, shape, dtype) for name, shape in shapes.items()}
+    for name in [n for n in state if MoEBlock.is_gate_tensor(n)]:
+        # Gates score in float32 (MoEBlock.route): upcast once here, from the served dtype's values, not per call.
+        state[name] = state[name].float()
+    if "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, assign=True, strict=True)
+    model.rotary = model._rotary(cfg)  # rotary tables are buffers, not weights: rebuild them off meta
+    return model.eval().requires_grad_(False), ckpt
+
+
+def load_local(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[MoEForCausalLM, LocalExpertBackend]:
+    """The whole model in this process: dense part plus every routed expert."""
+    model, ckpt = load_model(path, dtype)
+    experts = load_experts(ckpt, model.config, list(range(model.config.num_experts)), dtype)
+    return model, LocalExpertBackend(experts)
