@@ -50,15 +50,18 @@ class NativeEngineFactory:
         from serving.experts.local import LocalExpertBackend
         from serving.experts.sharded import ShardedExpertBackend
         from serving.model.decoder import load_model
+        from serving.model.device import resolve_device
         from serving.model.dtypes import torch_dtype
         from serving.tokenizer import Tokenizer
 
         cfg = AppConfig.model_validate(self.config)
         dtype = torch_dtype(cfg.engine_config.dtype)
-        model, ckpt = load_model(cfg.model, dtype)
+        device = resolve_device(cfg.engine_config.device, cfg.accelerator, f"{self.deployment_name} replica {replica}")
+        model, ckpt = load_model(cfg.model, dtype, device)
         sink, name = RaySink(), cfg.model_name
         if self.placement is None:
-            experts = LocalExpertBackend(load_experts(ckpt, model.config, list(range(model.config.num_experts)), dtype))
+            all_experts = list(range(model.config.num_experts))
+            experts = LocalExpertBackend(load_experts(ckpt, model.config, all_experts, dtype, device))
         else:
             experts = ShardedExpertBackend(self.placement, HandleTransport(self.shards, sink, name))
         labels = {"model": name, "replica": replica}

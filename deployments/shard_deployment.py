@@ -10,31 +10,38 @@ import torch
 from ray import serve
 from torch import Tensor
 
+from serving.engine_client import EngineConfig
 from serving.experts.loading import load_experts
 from serving.experts.sharded import ShardCall, run_shard_call
 from serving.model.checkpoint import Checkpoint
 from serving.model.config import ModelConfig
+from serving.model.device import resolve_device
 from serving.model.dtypes import torch_dtype
 
 
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=10)
 class ExpertShard:
-    def __init__(self, model_path: str, shard_id: int, expert_ids: list[int], dtype: str):
+    def __init__(self, model_path: str, shard_id: int, expert_ids: list[int], engine_config: dict, accelerator: str):
         self.shard_id, self.expert_ids = shard_id, list(expert_ids)
+        config = EngineConfig.model_validate(engine_config)
+        replica = serve.get_replica_context().replica_tag
+        self.device = resolve_device(config.device, accelerator, f"ExpertShard-{shard_id} replica {replica}")
         ckpt = Checkpoint(model_path)
         cfg = ModelConfig.from_pretrained(model_path)
-        self.layers = load_experts(ckpt, cfg, self.expert_ids, torch_dtype(dtype))
+        self.layers = load_experts(ckpt, cfg, self.expert_ids, torch_dtype(config.dtype), self.device)
         self.bytes_loaded = ckpt.bytes_read
 
     @torch.inference_mode()  # here, not in __init__: grad mode is per thread, and Serve may call from another
     def run(self, layer: int, call: ShardCall) -> Tensor:
-        """Weighted partial sums [R_s, D] of this shard's experts over the rows it was sent."""
-        return run_shard_call(self.layers, layer, call)
+        """Weighted partial sums [R_s, D] of this shard's experts over the rows it was sent, on the host."""
+        # Host -> device on arrival, device -> host for the reply (Serve pickles it back to the router).
+        return run_shard_call(self.layers, layer, call.to(self.device)).cpu()
 
     def info(self) -> dict:
         return {
             "shard_id": self.shard_id,
             "expert_ids": self.expert_ids,
             "bytes_loaded": self.bytes_loaded,
+            "device": str(self.device),
             "expert_bytes": sum(layer.nbytes for layer in self.layers.values()),
         }

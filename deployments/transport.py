@@ -23,8 +23,11 @@ class HandleTransport:
         self.metrics, self.model = metrics or NullSink(), model
 
     def run(self, layer: int, calls: dict[int, ShardCall]) -> dict[int, Tensor]:
+        # Device -> host before sending (Serve pickles the call; a CUDA tensor would not unpickle on another
+        # node), one copy per shard call; each ExpertShard moves the rows to its own device on arrival.
         sent = {
-            shard: (time.perf_counter(), self.handles[shard].run.remote(layer, call)) for shard, call in calls.items()
+            shard: (time.perf_counter(), self.handles[shard].run.remote(layer, call.to("cpu")))
+            for shard, call in calls.items()
         }
         # As object refs, so ray.wait hands back whichever call finishes first (Serve's documented escape
         # hatch from a DeploymentResponse to its ObjectRef; it returns once a replica has been chosen).

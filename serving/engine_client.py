@@ -95,6 +95,12 @@ class EngineConfig(BaseModel):
     max_running: int = Field(64, ge=1, description="Most sequences decoded together in one step.")
     max_waiting: int = Field(256, ge=0, description="Most requests queued; past it requests are refused.")
     max_model_len: int | None = Field(None, ge=1, description="Context limit; default: the model's.")
+    device: str | None = Field(
+        None,
+        pattern=r"^(cpu|cuda(:\d+)?)$",
+        description="Where a replica computes: cpu, cuda or cuda:N. Default: the replica's GPU with "
+        "accelerator: gpu, else cpu (native engine; vLLM places itself).",
+    )
 
 
 def check_request(prompt_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> None:

@@ -24,3 +24,25 @@ def demo_dir(tmp_path_factory) -> Path:
     from serving.demo import make_demo
 
     return make_demo(tmp_path_factory.mktemp("demo") / "demo-mixtral", "mixtral", progress=False)
+
+
+@pytest.fixture(scope="session")
+def device():
+    """The accelerator that tests marked `gpu` run on: cuda, or $MOE_TEST_DEVICE (benchmarks.gpu_check
+    --device cpu runs them on the CPU as a smoke test of the GPU checks themselves)."""
+    import torch
+
+    return torch.device(os.environ.get("MOE_TEST_DEVICE", "cuda"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` are skipped, with the reason, where no CUDA device is visible (unless
+    $MOE_TEST_DEVICE sends them to another device)."""
+    if os.environ.get("MOE_TEST_DEVICE", "cuda").startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            skip = pytest.mark.skip(reason="needs a CUDA device (none visible here); run benchmarks.gpu_check on one")
+            for item in items:
+                if "gpu" in item.keywords:
+                    item.add_marker(skip)

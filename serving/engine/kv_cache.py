@@ -50,10 +50,17 @@ class BlockAllocator:
 class KVCache:
     """Cache tensors: for each layer, one [num_slots, *row] tensor per row shape the layer asks for."""
 
-    def __init__(self, shapes: list[list[tuple[int, ...]]], num_blocks: int, block_size: int, dtype: torch.dtype):
+    def __init__(
+        self,
+        shapes: list[list[tuple[int, ...]]],
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ):
         slots = num_blocks * block_size
         self.layers: list[list[Tensor]] = [
-            [torch.zeros(slots, *shape, dtype=dtype) for shape in layer] for layer in shapes
+            [torch.zeros(slots, *shape, dtype=dtype, device=device) for shape in layer] for layer in shapes
         ]
 
     @staticmethod

@@ -42,6 +42,7 @@ from serving.metrics import (
     NullSink,
 )
 from serving.model.decoder import MoEForCausalLM, load_local
+from serving.model.device import resolve_device
 from serving.model.dtypes import torch_dtype
 from serving.tokenizer import Tokenizer
 
@@ -82,7 +83,7 @@ class LLMEngine:
             num_blocks * config.block_size,
         )
         self.allocator = BlockAllocator(num_blocks, config.block_size)
-        self.cache = KVCache(shapes, num_blocks, config.block_size, torch_dtype(config.dtype))
+        self.cache = KVCache(shapes, num_blocks, config.block_size, torch_dtype(config.dtype), model.device)
         self.scheduler = Scheduler(self.allocator, config.max_batched_tokens, config.max_running)
         self.metrics, self.metric_labels = metrics or NullSink(), dict(metric_labels or {"model": "model"})
         self.routing = RoutingCounter(experts, model.config.num_experts)  # tokens per expert, for metrics
@@ -94,9 +95,10 @@ class LLMEngine:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None) -> LLMEngine:
-        """The whole model in this process, with its tokenizer."""
+        """The whole model in this process, with its tokenizer, on config.device (default: cpu)."""
         config = config or EngineConfig()
-        model, experts = load_local(path, torch_dtype(config.dtype))
+        device = resolve_device(config.device, "cpu", "LLMEngine.from_pretrained")
+        model, experts = load_local(path, torch_dtype(config.dtype), device)
         return cls(model, experts, Tokenizer(path), config)
 
     # -- requests ---------------------------------------------------------------------------------

@@ -35,12 +35,17 @@ class ModelRunner:
             if end == len(seq.token_ids):  # prompt (or recompute) done: the last row picks the next token
                 sample_rows.append(len(input_ids) - 1)
                 samplers.append(seq)
-        meta = AttentionMetadata.build(seq_chunks, self.allocator.block_size)
-        hidden = self.model(torch.tensor(input_ids), meta, self.cache.layers, self.experts)  # [T, D]
+        device = self.model.device
+        # Host -> device: the step's token ids, the metadata (built on the host from block tables) and the
+        # rows to sample; small, and copied once per step.
+        meta = AttentionMetadata.build(seq_chunks, self.allocator.block_size, device)
+        hidden = self.model(torch.tensor(input_ids, device=device), meta, self.cache.layers, self.experts)  # [T, D]
         if not samplers:
             return {}
-        logits = self.model.logits(hidden[torch.tensor(sample_rows)])  # [N, V]
-        return dict(zip(samplers, logits, strict=True))
+        logits = self.model.logits(hidden[torch.tensor(sample_rows, device=device)])  # [N, V]
+        # Device -> host, the step's one copy back: sampling runs on the host with each request's own CPU
+        # generator, so a seeded request gives the same tokens on any device, and token ids are needed there.
+        return dict(zip(samplers, logits.cpu(), strict=True))
 
 
 @torch.inference_mode()
@@ -51,11 +56,11 @@ def score_prompts(model: MoEForCausalLM, experts: ExpertBackend, prompts: list[l
     """
     block_size = 16
     allocator = BlockAllocator(sum(math.ceil(len(p) / block_size) for p in prompts), block_size)
-    cache = KVCache(model.cache_shapes(), allocator.num_blocks, block_size, model.lm_head.weight.dtype)
+    cache = KVCache(model.cache_shapes(), allocator.num_blocks, block_size, model.lm_head.weight.dtype, model.device)
     chunks = []
     for p in prompts:
         blocks = allocator.allocate(allocator.blocks_for(len(p)))
         chunks.append(SequenceChunk(0, len(p), blocks))
-    ids = torch.tensor([t for p in prompts for t in p])
-    hidden = model(ids, AttentionMetadata.build(chunks, block_size), cache.layers, experts)  # [T, D]
-    return list(model.logits(hidden).split([len(p) for p in prompts]))
+    ids = torch.tensor([t for p in prompts for t in p], device=model.device)
+    hidden = model(ids, AttentionMetadata.build(chunks, block_size, model.device), cache.layers, experts)  # [T, D]
+    return list(model.logits(hidden).cpu().split([len(p) for p in prompts]))  # device -> host, once

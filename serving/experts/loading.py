@@ -15,13 +15,14 @@ from serving.model.config import ModelConfig
 
 
 def load_experts(
-    ckpt: Checkpoint, cfg: ModelConfig, expert_ids: list[int], dtype: torch.dtype
+    ckpt: Checkpoint, cfg: ModelConfig, expert_ids: list[int], dtype: torch.dtype, device: torch.device | str = "cpu"
 ) -> dict[int, StackedExperts]:
-    """The routed experts `expert_ids` of every MoE layer, stacked per layer."""
+    """The routed experts `expert_ids` of every MoE layer, stacked per layer, on `device` (copied there layer
+    by layer as they are read, so host memory holds one layer's share at a time)."""
     held: dict[int, StackedExperts] = {}
     E, I, D = len(expert_ids), cfg.moe_intermediate_size, cfg.hidden_size
     for layer in cfg.moe_layer_ids:
-        gate_up, down = ckpt.read_experts(layer, expert_ids, dtype)
+        gate_up, down = (t.to(device) for t in ckpt.read_experts(layer, expert_ids, dtype))  # host -> device
         if tuple(gate_up.shape) != (E, 2 * I, D) or tuple(down.shape) != (E, D, I):
             raise CheckpointError(
                 f"{ckpt.path}: layer {layer} experts: gate_up {tuple(gate_up.shape)} / down {tuple(down.shape)}, "

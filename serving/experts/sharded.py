@@ -31,6 +31,10 @@ class ShardCall:
     experts: Tensor  # [A_s] int64 global expert ids, all held by the shard
     weights: Tensor  # [A_s] gate weights
 
+    def to(self, device: torch.device | str) -> ShardCall:
+        """The same call with every tensor on `device` (a no-op where they are already)."""
+        return ShardCall(*(t.to(device) for t in (self.hidden, self.local_rows, self.experts, self.weights)))
+
 
 class ShardTransport(Protocol):
     """Sends every call of one layer and returns each shard's partial sums [R_s, D]."""
@@ -51,16 +55,18 @@ class ShardedExpertBackend:
         check_expert_map(self.expert_to_shard, placement.num_shards)  # once, not per call
 
     def __call__(self, layer: int, hidden: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
+        if self.expert_to_shard.device != ids.device:  # once: the map lives where the gate's ids are
+            self.expert_to_shard = self.expert_to_shard.to(ids.device)
         batches = split_by_shard(flatten(weights, ids), self.expert_to_shard, self.placement.num_shards)
         calls = {
             shard: ShardCall(hidden[b.rows], b.local_rows, b.experts, b.weights)  # [R_s, D], [A_s] x3
             for shard, b in enumerate(batches)
             if b is not None
         }
-        partials = self.transport.run(layer, calls)  # {shard: [R_s, D]}
+        partials = self.transport.run(layer, calls)  # {shard: [R_s, D]}, wherever the transport delivers them
         out = torch.zeros_like(hidden)  # [T, D]
         for shard in sorted(partials):
-            combine(out, batches[shard].rows, partials[shard])
+            combine(out, batches[shard].rows, partials[shard])  # moves a host result to out's device
         return out
 
 

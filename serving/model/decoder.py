@@ -91,13 +91,21 @@ class MoEForCausalLM(nn.Module):
             x = layer(x, meta, cache, self.rotary, experts)
         return self.model.norm(x)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model was loaded (load_model's `device`); the engine puts its inputs and cache there."""
+        return self.lm_head.weight.device
+
     def logits(self, hidden: Tensor) -> Tensor:
         """[N, D] -> [N, V] float32 logits (only for the rows that are sampled)."""
         return self.lm_head(hidden).float()
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[MoEForCausalLM, Checkpoint]:
-    """Build the dense part of the model at `path` and load its weights (routed experts excluded).
+def load_model(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> tuple[MoEForCausalLM, Checkpoint]:
+    """Build the dense part of the model at `path` and load its weights (routed experts excluded) onto
+    `device`.
 
     Returns the model (eval mode, no grad needed) and the open Checkpoint, from which experts are read.
     """
@@ -108,19 +116,22 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Mo
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if cfg.tie_word_embeddings and not ckpt.has("lm_head.weight"):
         del shapes["lm_head.weight"]  # tied: the embedding serves as the output head
-    state = {name: ckpt.read(name, shape, dtype) for name, shape in shapes.items()}
+    # Host -> device, one tensor at a time as it is read: host memory never holds the whole model.
+    state = {name: ckpt.read(name, shape, dtype).to(device) for name, shape in shapes.items()}
     for name in [n for n in state if MoEBlock.is_gate_tensor(n)]:
         # Gates score in float32 (MoEBlock.route): upcast once here, from the served dtype's values, not per call.
         state[name] = state[name].float()
     if "lm_head.weight" not in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, assign=True, strict=True)
-    model.rotary = model._rotary(cfg)  # rotary tables are buffers, not weights: rebuild them off meta
+    model.rotary = model._rotary(cfg).to(device)  # rotary tables are buffers, not weights: rebuilt off meta
     return model.eval().requires_grad_(False), ckpt
 
 
-def load_local(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[MoEForCausalLM, LocalExpertBackend]:
-    """The whole model in this process: dense part plus every routed expert."""
-    model, ckpt = load_model(path, dtype)
-    experts = load_experts(ckpt, model.config, list(range(model.config.num_experts)), dtype)
+def load_local(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> tuple[MoEForCausalLM, LocalExpertBackend]:
+    """The whole model in this process, on `device`: dense part plus every routed expert."""
+    model, ckpt = load_model(path, dtype, device)
+    experts = load_experts(ckpt, model.config, list(range(model.config.num_experts)), dtype, device)
     return model, LocalExpertBackend(experts)

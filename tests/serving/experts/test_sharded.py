@@ -52,3 +52,26 @@ def test_one_call_per_shard_with_rows_and_none_to_idle_shards():
     ids = torch.tensor([[0, 1], [1, 4], [0, 5]])  # nothing routed to shards 1 and 3
     backend(LAYER, torch.randn(3, D), torch.full((3, 2), 0.5), ids)
     assert transport.calls == [{0, 2}]
+
+
+@pytest.mark.gpu
+def test_sharded_equals_local_on_the_device(device):
+    """On the accelerator: shard calls built on the device, sent through a transport that hands results
+    back on the host (as HandleTransport's replicas do), combined on the device again."""
+
+    class HostTransport(InProcessTransport):  # what a remote shard does: rows in on its device, results out on host
+        def run(self, layer, calls):
+            return {s: out.cpu() for s, out in super().run(layer, {s: c.to(device) for s, c in calls.items()}).items()}
+
+    def on_device(stack: StackedExperts) -> StackedExperts:
+        return StackedExperts(stack.gate_up.to(device), stack.down.to(device), stack.expert_ids.to(device))
+
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(20, D, generator=gen).to(device)
+    weights, ids = top_k_gate(torch.randn(20, E, generator=gen).to(device), GateSpec(num_experts=E, top_k=2))
+    local = LocalExpertBackend({LAYER: on_device(experts(range(E)))})(LAYER, hidden, weights, ids)
+    placement = Placement.contiguous(E, 3)
+    shards = {s: {LAYER: on_device(experts(placement.experts_of(s)))} for s in range(3)}
+    sharded = ShardedExpertBackend(placement, HostTransport(shards))(LAYER, hidden, weights, ids)
+    assert sharded.device.type == device.type
+    torch.testing.assert_close(sharded, local, rtol=1e-6, atol=1e-6)
