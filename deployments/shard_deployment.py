@@ -21,8 +21,8 @@ from serving.model.dtypes import torch_dtype
 class ExpertShard:
     def __init__(self, model_path: str, shard_id: int, expert_ids: list[int], dtype: str):
         self.shard_id, self.expert_ids = shard_id, list(expert_ids)
-        ckpt = Checkpoint(model_path)
         cfg = ModelConfig.from_pretrained(model_path)
+        ckpt = Checkpoint(model_path, fp8_block=cfg.fp8_block)  # fp8: only these experts' weights and scales
         self.layers = load_experts(ckpt, cfg, self.expert_ids, torch_dtype(dtype))
         self.bytes_loaded = ckpt.bytes_read
 
