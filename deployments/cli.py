@@ -234,7 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="size an expert-parallel GPU deployment from a checkpoint's config.json")
     plan.add_argument("--model", required=True, help="checkpoint folder or its config.json (no weights needed)")
     plan.add_argument("--gpu-memory", type=float, required=True, help="memory of one GPU, GiB (e.g. 80)")
-    plan.add_argument("--dtype", choices=("bf16", "fp8"), default="bf16", help="weight format (default: bf16)")
+    plan.add_argument(
+        "--dtype", choices=("bf16", "fp8"), default="bf16",
+        help="weights in GPU memory (default: bf16, what the engine serves; fp8 checkpoints are dequantized to it)",
+    )  # fmt: skip
     plan.add_argument("--routers", type=int, default=1, help="router replicas, one GPU each (default: 1)")
     plan.set_defaults(func=_plan)
     ingest = sub.add_parser("ingest", help="chunk, embed and store .txt/.md files for retrieval (or --delete them)")
