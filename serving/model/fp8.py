@@ -37,7 +37,13 @@ def dequantize(weight: Tensor, scale_inv: Tensor, block: tuple[int, int]) -> Ten
 
     Shapes must fit (`scale_shape`); the caller checks them and says which tensor is at fault.
     """
-    return weight.float() * _per_element(scale_inv, tuple(weight.shape), block)
+    out = weight.to(torch.float32)  # [..., R, C]: the only full-size tensor made
+    # Each block row's scales spread over its columns, [..., ceil(R/B0), C]; then one in-place multiply
+    # per block row, broadcast over its B0 rows (the last block row may be shorter).
+    col_scale = scale_inv.float().repeat_interleave(block[1], dim=-1)[..., : out.shape[-1]]
+    for i in range(col_scale.shape[-2]):
+        out[..., i * block[0] : (i + 1) * block[0], :].mul_(col_scale[..., i : i + 1, :])
+    return out
 
 
 def quantize(weight: Tensor, block: tuple[int, int]) -> tuple[Tensor, Tensor]:
