@@ -239,8 +239,9 @@ class CapacityPlan:
                 f"experts, {_gib(disk.dense)} GiB dense; 1 byte per quantized weight + float32 scales, the rest bf16)",
                 f"weights in memory: {_gib(self.params.total * width)} GiB in {self.dtype} "
                 f"({_gib(self.params.routed * width)} GiB routed experts, "
-                f"{_gib(self.params.dense * width)} GiB dense): dequantized at load; each shard reads only "
-                f"its own experts (largest: {_gib(largest * disk.per_expert)} GiB from disk)",
+                f"{_gib(self.params.dense * width)} GiB dense): "
+                + ("dequantized at load" if self.dtype != "fp8" else "kept in fp8, scales not counted")
+                + f"; each shard reads only its own experts (largest: {_gib(largest * disk.per_expert)} GiB from disk)",
             ]
         lines += [
             f"GPU: {_gib(self.gpu_bytes)} GiB, of which {_gib(self.usable_bytes)} GiB usable "

@@ -154,6 +154,9 @@ def test_plan_command_reports_fp8_bytes_on_disk_and_in_memory_separately(tmp_pat
     assert f"checkpoint on disk: {disk / GIB:.1f} GiB in block-wise fp8" in out
     assert f"weights in memory: {(ROUTED + DENSE) * 2 / GIB:.1f} GiB in bf16" in out
     assert f"largest: {15 * (PER_EXPERT + 4 * EXPERT_SCALES) / GIB:.1f} GiB from disk" in out  # 15 experts
+    assert "dequantized at load" in out
+    assert main(["plan", "--model", str(fp8_config(tmp_path)), "--gpu-memory", "80", "--dtype", "fp8"]) == 0
+    assert f"weights in memory: {(ROUTED + DENSE) / GIB:.1f} GiB in fp8" in capsys.readouterr().out
     assert main(["plan", "--model", str(DEEPSEEK_V3), "--gpu-memory", "80"]) == 0
     assert "on disk" not in capsys.readouterr().out  # bf16 checkpoints: disk = memory, one number
 
