@@ -60,7 +60,7 @@ def measure(path: Path, name: str, args: argparse.Namespace, dtype: torch.dtype)
 
     cfg = ModelConfig.from_pretrained(path)
     layer = cfg.moe_layer_ids[0]
-    fused = LocalExpertBackend(load_experts(Checkpoint(path), cfg, list(range(cfg.num_experts)), dtype))
+    fused = LocalExpertBackend(load_experts(Checkpoint(path, cfg.fp8_block), cfg, list(range(cfg.num_experts)), dtype))
     placement = Placement.contiguous(cfg.num_experts, args.shards)
     handles = deploy_shards(path, placement, args.dtype)
     sharded = ShardedExpertBackend(placement, HandleTransport(handles))

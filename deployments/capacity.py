@@ -9,14 +9,20 @@ every router replica, together with that router's KV cache.
     print(plan.describe())           # shards, experts per shard, bytes per GPU, KV room, worker groups
     plan.worker_groups()             # {"routers": 2, "shards": 18}
 
+`dtype` is the format of the weights in GPU memory. A block-wise fp8 checkpoint (DeepSeek-V3's, whose
+config.json has quantization_config) is dequantized to the served dtype at load, so its plan also
+reports the bytes on disk (1 byte per quantized weight plus a float32 scale per block, the rest bf16)
+separately from the bytes in memory.
+
 What it does not count: DeepSeek-V3's multi-token-prediction layer (`num_nextn_predict_layers`,
 about 14B parameters, only used for speculative decoding, which we do not run), activations
-(covered by the overhead fraction) and quantisation scales.
+(covered by the overhead fraction) and, for fp8 in memory, quantisation scales.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,11 +30,14 @@ from typing import Literal
 from router.placement import Placement, shard_weight_bytes
 from serving.errors import ConfigError
 from serving.model.config import ModelConfig
+from serving.model.fp8 import scale_shape
 
 Dtype = Literal["bf16", "fp8"]
 BYTES_PER_PARAM: dict[str, int] = {"bf16": 2, "fp8": 1}
 # The KV cache stays in bf16 even for fp8 weights (what vLLM's kv_cache_dtype="auto" does for fp8 checkpoints).
 KV_BYTES_PER_VALUE = 2
+UNQUANTIZED_BYTES = 2  # what a block-wise fp8 checkpoint stores in bf16: embeddings, norms, gates, lm_head
+SCALE_BYTES = 4  # a float32 weight_scale_inv per block
 # Kept free on every GPU for the CUDA context, activations, NCCL buffers and allocator fragmentation.
 OVERHEAD_FRACTION = 0.10
 GIB = 2**30
@@ -51,11 +60,24 @@ class ParamCounts:
         return self.routed + self.dense
 
 
-def load_config(path: str | Path) -> ModelConfig:
-    """A checkpoint folder's (or a config.json file's) ModelConfig, for planning only.
+@dataclass(frozen=True)
+class WeightBytes:
+    """Bytes of the main model's weights, split as ParamCounts is."""
 
-    `quantization_config` is dropped first: the engine refuses fp8 checkpoints, but the plan only
-    counts parameters and takes the weight format from `--dtype`, so the public fp8 configs work.
+    routed: int
+    dense: int
+    per_expert: int
+
+    @property
+    def total(self) -> int:
+        return self.routed + self.dense
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """A checkpoint folder's (or a config.json file's) ModelConfig, validated as the engine does.
+
+    Block-wise fp8 checkpoints (the public DeepSeek-V3/R1 configs) give `fp8_block`; other quantizations
+    are a ConfigError naming the field, as the engine would refuse them.
     """
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
@@ -63,7 +85,6 @@ def load_config(path: str | Path) -> ModelConfig:
         raw = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{file}: cannot read a checkpoint config.json ({e})") from e
-    raw.pop("quantization_config", None)
     try:
         return ModelConfig.from_dict(raw)
     except ConfigError as e:
@@ -84,6 +105,53 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
     shared = 3 * h * cfg.shared_intermediate_size + (h if cfg.shared_expert_gated else 0)
     dense = embeddings + norms + attention + dense_mlp + moe_layers * (gate + shared)
     return ParamCounts(routed=per_expert * cfg.num_experts, dense=dense, per_expert=per_expert)
+
+
+def fp8_checkpoint_bytes(cfg: ModelConfig) -> WeightBytes:
+    """Bytes a block-wise fp8 checkpoint (cfg.fp8_block) stores, as DeepSeek-V3's does: each linear
+    weight (attention projections, dense MLPs, shared and routed experts) 1 byte per parameter plus a
+    float32 scale per block (edges partial); every other parameter in bf16. Raises ValueError without fp8_block.
+    """
+    if cfg.fp8_block is None:
+        raise ValueError("fp8_checkpoint_bytes: the config has no block-wise fp8 quantization_config")
+    block = cfg.fp8_block
+
+    def fp8_bytes(shapes: list[tuple[int, int]]) -> tuple[int, int]:
+        """(bytes on disk, parameters) of these quantized matrices."""
+        params = sum(r * c for r, c in shapes)
+        scales = sum(math.prod(scale_shape(shape, block)) for shape in shapes)
+        return params + scales * SCALE_BYTES, params
+
+    h, params = cfg.hidden_size, count_params(cfg)
+    moe_layers = len(cfg.moe_layer_ids)
+    per_expert, _ = fp8_bytes(_mlp_shapes(h, cfg.moe_intermediate_size))
+    per_expert *= moe_layers
+    dense_shapes = cfg.num_layers * _attention_shapes(cfg)
+    dense_shapes += (cfg.num_layers - moe_layers) * _mlp_shapes(h, cfg.dense_intermediate_size)
+    dense_shapes += moe_layers * (_mlp_shapes(h, cfg.shared_intermediate_size) if cfg.shared_intermediate_size else [])
+    dense_fp8, dense_quantized = fp8_bytes(dense_shapes)
+    dense = dense_fp8 + (params.dense - dense_quantized) * UNQUANTIZED_BYTES
+    return WeightBytes(routed=per_expert * cfg.num_experts, dense=dense, per_expert=per_expert)
+
+
+def _mlp_shapes(hidden: int, intermediate: int) -> list[tuple[int, int]]:
+    """A gated MLP's [out, in] weights: gate_proj, up_proj, down_proj."""
+    return [(intermediate, hidden), (intermediate, hidden), (hidden, intermediate)]
+
+
+def _attention_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """One layer's attention projection weights, [out, in] (what fp8 checkpoints quantize)."""
+    h, heads = cfg.hidden_size, cfg.num_heads
+    if cfg.mla is not None:
+        m = cfg.mla
+        if m.q_lora_rank is None:
+            q = [(heads * m.qk_head_dim, h)]
+        else:  # q_a_proj, q_b_proj
+            q = [(m.q_lora_rank, h), (heads * m.qk_head_dim, m.q_lora_rank)]
+        kv = [(m.kv_lora_rank + m.qk_rope_head_dim, h), (heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank)]
+        return q + kv + [(h, heads * m.v_head_dim)]
+    q_width, kv_width = heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return [(q_width, h), (kv_width, h), (kv_width, h), (h, q_width)]
 
 
 def _attention_params(cfg: ModelConfig) -> int:
@@ -137,6 +205,7 @@ class CapacityPlan:
     kv_bytes_per_token: int
     routers: int
     max_model_len: int
+    checkpoint_bytes: WeightBytes | None = None  # block-wise fp8 checkpoints: bytes on disk (memory is `dtype`)
 
     @property
     def num_shards(self) -> int:
@@ -157,10 +226,24 @@ class CapacityPlan:
         counts = ", ".join(f"{sum(len(ids) == n for ids in self.placement.shards)} x {n}" for n in sizes)
         spare = sum(self.spare_expert_slots)
         groups = self.worker_groups()
+        width = BYTES_PER_PARAM[self.dtype]
         lines = [
             f"parameters: {self.params.total / 1e9:.1f}B ({self.params.routed / 1e9:.1f}B in routed experts, "
             f"{self.params.dense / 1e9:.1f}B dense); weights in {self.dtype} "
-            f"({BYTES_PER_PARAM[self.dtype]} byte(s)/param)",
+            f"({width} byte(s)/param)",
+        ]
+        if (disk := self.checkpoint_bytes) is not None:
+            largest = max(len(ids) for ids in self.placement.shards)
+            lines += [
+                f"checkpoint on disk: {_gib(disk.total)} GiB in block-wise fp8 ({_gib(disk.routed)} GiB routed "
+                f"experts, {_gib(disk.dense)} GiB dense; 1 byte per quantized weight + float32 scales, the rest bf16)",
+                f"weights in memory: {_gib(self.params.total * width)} GiB in {self.dtype} "
+                f"({_gib(self.params.routed * width)} GiB routed experts, "
+                f"{_gib(self.params.dense * width)} GiB dense): "
+                + ("dequantized at load" if self.dtype != "fp8" else "kept in fp8, scales not counted")
+                + f"; each shard reads only its own experts (largest: {_gib(largest * disk.per_expert)} GiB from disk)",
+            ]
+        lines += [
             f"GPU: {_gib(self.gpu_bytes)} GiB, of which {_gib(self.usable_bytes)} GiB usable "
             f"({OVERHEAD_FRACTION:.0%} kept for CUDA context and activations)",
             f"shards: {self.num_shards} (experts per shard: {counts}); "
@@ -228,6 +311,7 @@ def plan_capacity(cfg: ModelConfig, gpu_memory_gib: float, dtype: Dtype = "bf16"
         kv_bytes_per_token=kv_bytes_per_token(cfg),
         routers=routers,
         max_model_len=cfg.max_position_embeddings,
+        checkpoint_bytes=fp8_checkpoint_bytes(cfg) if cfg.fp8_block is not None else None,
     )
 
 

@@ -1,6 +1,6 @@
 """`moe-serve`: the one command-line entry point.
 
-    moe-serve make-demo [--arch mixtral] [--out DIR]     write a small checkpoint
+    moe-serve make-demo [--arch mixtral] [--out DIR]     write a small checkpoint (--fp8: DeepSeek-V3's fp8 layout)
     moe-serve generate --model DIR --prompt TEXT         complete a raw prompt in this process
     moe-serve run [--config FILE] [--model DIR] ...      serve the OpenAI API on a local Ray cluster
     moe-serve plan --model DIR --gpu-memory GiB ...      size a GPU deployment (shards, routers, KV room)
@@ -23,10 +23,16 @@ ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
 
 def _make_demo(args: argparse.Namespace) -> int:
     from serving.demo import make_demo
+    from serving.errors import ConfigError
 
-    out = Path(args.out or f".data/demo-{args.arch}")
-    make_demo(out, arch=args.arch, seed=args.seed, fused_experts=args.fused_experts, progress=True)
-    print(f"wrote {args.arch} demo checkpoint to {out}")
+    kind = f"{args.arch}{'-fp8' if args.fp8 else ''}"
+    out = Path(args.out or f".data/demo-{kind}")
+    try:
+        make_demo(out, arch=args.arch, seed=args.seed, fused_experts=args.fused_experts, progress=True, fp8=args.fp8)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {kind} demo checkpoint to {out}")
     return 0
 
 
@@ -193,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", help="output folder (default: .data/demo-ARCH)")
     demo.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
     demo.add_argument("--fused-experts", action="store_true", help="save experts fused (gate_up_proj/down_proj)")
+    demo.add_argument(
+        "--fp8", action="store_true", help="deepseek_v3 only: DeepSeek-V3's block-wise fp8 layout (128x128 scales)"
+    )
     demo.set_defaults(func=_make_demo)
 
     gen = sub.add_parser("generate", help="complete a raw prompt (no chat template) in this process")
@@ -225,7 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="size an expert-parallel GPU deployment from a checkpoint's config.json")
     plan.add_argument("--model", required=True, help="checkpoint folder or its config.json (no weights needed)")
     plan.add_argument("--gpu-memory", type=float, required=True, help="memory of one GPU, GiB (e.g. 80)")
-    plan.add_argument("--dtype", choices=("bf16", "fp8"), default="bf16", help="weight format (default: bf16)")
+    plan.add_argument(
+        "--dtype", choices=("bf16", "fp8"), default="bf16",
+        help="weights in GPU memory (default: bf16, what the engine serves; fp8 checkpoints are dequantized to it)",
+    )  # fmt: skip
     plan.add_argument("--routers", type=int, default=1, help="router replicas, one GPU each (default: 1)")
     plan.set_defaults(func=_plan)
     ingest = sub.add_parser("ingest", help="chunk, embed and store .txt/.md files for retrieval (or --delete them)")

@@ -26,8 +26,8 @@ class ExpertShard:
         config = EngineConfig.model_validate(engine_config)
         replica = serve.get_replica_context().replica_tag
         self.device = resolve_device(config.device, accelerator, f"ExpertShard-{shard_id} replica {replica}")
-        ckpt = Checkpoint(model_path)
         cfg = ModelConfig.from_pretrained(model_path)
+        ckpt = Checkpoint(model_path, fp8_block=cfg.fp8_block)  # fp8: only these experts' weights and scales
         self.layers = load_experts(ckpt, cfg, self.expert_ids, torch_dtype(config.dtype), self.device)
         self.bytes_loaded = ckpt.bytes_read
 

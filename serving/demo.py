@@ -6,6 +6,7 @@ engine, transformers and vLLM all load the same folder. Same arguments, same byt
 
 >>> make_demo(Path("demo"), arch="deepseek_v3")            # per-expert layout, as most hub checkpoints
 >>> make_demo(Path("demo-fused"), fused_experts=True)      # experts stacked: gate_up_proj [E, 2I, D]
+>>> make_demo(Path("demo-fp8"), arch="deepseek_v3", fp8=True)  # DeepSeek-V3's block-wise fp8 layout
 
 Parity tests that build their own transformers model save it the same way:
 
@@ -15,10 +16,12 @@ Parity tests that build their own transformers model save it the same way:
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
@@ -36,6 +39,7 @@ from transformers import (
 )
 
 from serving.errors import ConfigError
+from serving.model.fp8 import quantize
 
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
 DEMO_VOCAB_SIZE = 1024
@@ -97,6 +101,16 @@ _ARCH_FIELDS = {
     )),
 }
 # fmt: on
+
+# The fp8 demo is the deepseek_v3 demo with low-rank queries (as the real model) and widths that cross
+# 128-blocks without filling them: D=192 (128 + 64), dense MLP 320 (2 x 128 + 64), experts 160 (128 + 32),
+# so edge blocks appear in rows and columns, alone (kv_b_proj [256, 64]) and after full ones.
+FP8_DEMO_OVERRIDES: dict[str, object] = dict(hidden_size=192, intermediate_size=320, moe_intermediate_size=160,
+                                             q_lora_rank=96)  # fmt: skip
+# What DeepSeek-V3/R1 publish in config.json.
+FP8_QUANTIZATION_CONFIG = {
+    "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128],
+}  # fmt: skip
 
 
 def train_tokenizer(out_dir: Path, vocab_size: int = DEMO_VOCAB_SIZE) -> None:
@@ -206,24 +220,69 @@ def save_hf_checkpoint(
     return out_dir
 
 
+def is_fp8_quantized(name: str, tensor: torch.Tensor) -> bool:
+    """Whether DeepSeek's fp8 checkpoints store `name` in fp8: the linear layers' weights (attention
+    projections, dense MLPs, shared and routed experts, fused or not). Embeddings, norms, the gate, its
+    e_score_correction_bias and lm_head stay in bf16."""
+    parts = name.split(".")
+    per_module = parts[-1] == "weight" and "_proj" in parts[-2]  # q_a_proj, kv_a_proj_with_mqa, ..., down_proj
+    fused = parts[-2:] in (["experts", "gate_up_proj"], ["experts", "down_proj"])
+    return (per_module or fused) and tensor.ndim >= 2
+
+
+def quantize_checkpoint_fp8(folder: Path, block: tuple[int, int] = (128, 128)) -> Path:
+    """Rewrite the float checkpoint in `folder` in place in DeepSeek-V3's block-wise fp8 layout.
+
+    Each tensor `is_fp8_quantized` becomes float8_e4m3fn plus a float32 `<name>_scale_inv` of one scale
+    per `block` (serving/model/fp8.py: scale = amax / 448, as DeepSeek quantizes); every other tensor is
+    cast to bf16; config.json gets FP8_QUANTIZATION_CONFIG (with `block`) and dtype bfloat16.
+    Deterministic: the same checkpoint gives the same bytes. Returns `folder`.
+    """
+    folder = Path(folder)
+    file = folder / "model.safetensors"
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in sorted(load_file(file).items()):
+        if is_fp8_quantized(name, tensor):
+            out[name], out[f"{name}_scale_inv"] = quantize(tensor, block)
+        else:
+            out[name] = tensor.to(torch.bfloat16)
+    save_file(out, file, metadata={"format": "pt"})
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    config["quantization_config"] = {**FP8_QUANTIZATION_CONFIG, "weight_block_size": list(block)}
+    config["dtype"] = "bfloat16"
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")  # as transformers writes it
+    return folder
+
+
 def make_demo(
-    out_dir: Path, arch: str = "mixtral", seed: int = 0, fused_experts: bool = False, progress: bool = True
+    out_dir: Path,
+    arch: str = "mixtral",
+    seed: int = 0,
+    fused_experts: bool = False,
+    progress: bool = True,
+    fp8: bool = False,
 ) -> Path:
     """Write the demo checkpoint of `arch` to `out_dir` and return it.
 
+    fp8=True (deepseek_v3 only) writes the deepseek_v3 demo with FP8_DEMO_OVERRIDES in DeepSeek-V3's
+    block-wise fp8 layout (`quantize_checkpoint_fp8`, 128 x 128 blocks).
     Deterministic: the same arguments give byte-identical files. `progress` shows a tqdm bar over the
-    steps tokenizer, config, weights, save. Raises ConfigError for an unknown arch.
+    steps tokenizer, config, weights, save. Raises ConfigError for an unknown arch, or fp8 with another arch.
     """
     out_dir = Path(out_dir)
     if arch not in ARCHS:
         raise ConfigError(f"unknown demo arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    with tqdm(total=4, desc=f"make-demo {arch}", unit="step", disable=not progress) as bar:
+    if fp8 and arch != "deepseek_v3":
+        raise ConfigError(f"fp8 demo: only arch 'deepseek_v3' (DeepSeek-V3's fp8 layout), not {arch!r}")
+    desc = f"make-demo {arch}{' fp8' if fp8 else ''}"
+    with tqdm(total=4, desc=desc, unit="step", disable=not progress) as bar:
         bar.set_postfix_str("tokenizer")
         train_tokenizer(out_dir)
         bar.update()
         bar.set_postfix_str("config")
         vocab_size = RustTokenizer.from_file(str(out_dir / "tokenizer.json")).get_vocab_size()
-        config = demo_config(arch, vocab_size)
+        config = demo_config(arch, vocab_size, **(FP8_DEMO_OVERRIDES if fp8 else {}))
         bar.update()
         bar.set_postfix_str("weights")
         # from_config draws from the global RNG: seed it, but leave the caller's RNG state alone.
@@ -234,5 +293,7 @@ def make_demo(
         bar.update()
         bar.set_postfix_str("save")
         save_hf_checkpoint(model, out_dir, fused_experts=fused_experts, tokenizer_dir=out_dir)
+        if fp8:
+            quantize_checkpoint_fp8(out_dir)
         bar.update()
     return out_dir

@@ -1,7 +1,10 @@
 """Reading routed experts from a checkpoint: a process reads only the experts it holds.
 
->>> layers = load_experts(Checkpoint("demo/"), ModelConfig.from_pretrained("demo/"), [0, 1, 2, 3], torch.bfloat16)
+>>> cfg = ModelConfig.from_pretrained("demo/")
+>>> layers = load_experts(Checkpoint("demo/", cfg.fp8_block), cfg, [0, 1, 2, 3], torch.bfloat16)
 >>> layers[0].gate_up.shape        # [4, 2I, D]: experts 0..3 of MoE layer 0
+
+A block-wise fp8 checkpoint is dequantized to `dtype` as the experts are read (Checkpoint.read_experts).
 """
 
 from __future__ import annotations

@@ -66,6 +66,9 @@ class ModelConfig:
     sparse_layers: tuple[bool, ...]  # per layer: MoE block (True) or dense MLP (False)
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
+    # Block-wise fp8 checkpoint (DeepSeek-V3's layout): (rows, cols) of a weight_scale_inv block; None: not quantized.
+    # Weights are dequantized to the served dtype at load (serving/model/fp8.py); the model then runs on those values.
+    fp8_block: tuple[int, int] | None
 
     @property
     def num_experts(self) -> int:
@@ -137,6 +140,7 @@ class ModelConfig:
             sparse_layers=_sparse_layers(cfg, arch, layers),
             eos_token_ids=_token_ids(cfg.get("eos_token_id")),
             bos_token_id=cfg.get("bos_token_id"),
+            fp8_block=_fp8_block(cfg.get("quantization_config")),
         )
 
 
@@ -174,10 +178,44 @@ def _refuse_unsupported(cfg: dict[str, Any], arch: str) -> None:
             raise ConfigError(f"topk_method={cfg['topk_method']!r}: only 'noaux_tc' (DeepSeek-V3) is supported")
         if cfg.get("scoring_func", "sigmoid") != "sigmoid":
             raise ConfigError(f"scoring_func={cfg['scoring_func']!r}: only 'sigmoid' is supported")
-        if cfg.get("quantization_config"):
-            raise ConfigError("quantization_config: quantised (fp8) checkpoints are not supported; use bf16")
     if cfg.get("num_key_value_heads") and cfg["num_attention_heads"] % cfg["num_key_value_heads"]:
         raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
+
+
+def _fp8_block(quant: Any) -> tuple[int, int] | None:
+    """The weight_scale_inv block of a block-wise fp8 `quantization_config`; None when there is none.
+
+    Accepted: quant_method 'fp8', fmt 'e4m3' (or absent), activation_scheme 'dynamic' (or absent) and
+    weight_block_size [B0, B1], as DeepSeek-V3/R1 publish. Anything else (another quant_method, per-tensor
+    fp8 without a block size, static activation scales, e5m2) is a ConfigError naming the field.
+    """
+    if not quant:
+        return None
+    if not isinstance(quant, dict):
+        raise ConfigError(f"quantization_config={quant!r}: expected an object")
+    supported = "only block-wise fp8 (quant_method 'fp8' with weight_block_size, as DeepSeek-V3) is supported"
+    method = quant.get("quant_method")
+    if method != "fp8":
+        raise ConfigError(f"quantization_config.quant_method={method!r}: {supported}")
+    if quant.get("fmt", "e4m3") != "e4m3":
+        raise ConfigError(f"quantization_config.fmt={quant['fmt']!r}: only 'e4m3' (float8_e4m3fn) is supported")
+    if quant.get("activation_scheme", "dynamic") != "dynamic":
+        raise ConfigError(
+            f"quantization_config.activation_scheme={quant['activation_scheme']!r}: only 'dynamic' is supported "
+            "(static activation scales are not read)"
+        )
+    if quant.get("scale_fmt", "float") not in ("float", "ue8m0"):  # ue8m0: power-of-two scales, applied as stored
+        raise ConfigError(f"quantization_config.scale_fmt={quant['scale_fmt']!r}: only 'float' or 'ue8m0'")
+    block = quant.get("weight_block_size")
+    if block is None:
+        raise ConfigError(f"quantization_config.weight_block_size is missing (per-tensor fp8): {supported}")
+    if (
+        not isinstance(block, list | tuple)
+        or len(block) != 2
+        or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
+    ):
+        raise ConfigError(f"quantization_config.weight_block_size={block!r}: expected two positive integers")
+    return int(block[0]), int(block[1])
 
 
 def _mla(cfg: dict[str, Any]) -> MLAConfig:

@@ -108,9 +108,10 @@ def load_model(
     `device`.
 
     Returns the model (eval mode, no grad needed) and the open Checkpoint, from which experts are read.
+    A block-wise fp8 checkpoint (config.fp8_block) is dequantized to `dtype` at load: memory is that of `dtype`.
     """
     cfg = ModelConfig.from_pretrained(path)
-    ckpt = Checkpoint(path)
+    ckpt = Checkpoint(path, fp8_block=cfg.fp8_block)  # fp8 checkpoints: dequantized to `dtype` as they are read
     with torch.device("meta"):  # no time spent initialising weights we overwrite
         model = MoEForCausalLM(cfg)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}

@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 
+from serving.demo import FP8_QUANTIZATION_CONFIG
 from serving.engine.llm_engine import LLMEngine
 from serving.engine_client import SamplingParams
 
@@ -50,3 +52,39 @@ def test_make_demo_then_generate_json_matches_the_engine(tmp_path):
 def test_bad_model_folder_is_a_clear_error(tmp_path):
     result = cli("generate", "--model", str(tmp_path), "--prompt", "hi")
     assert result.returncode == 2 and "config.json" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_make_demo_fp8_writes_deepseeks_layout_and_generates(tmp_path):
+    out = tmp_path / "fp8"
+    made = cli("make-demo", "--arch", "deepseek_v3", "--fp8", "--out", str(out))
+    assert made.returncode == 0, made.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == FP8_QUANTIZATION_CONFIG == {
+        "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128],
+    }  # fmt: skip
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        tensors = {name: (f.get_slice(name).get_dtype(), f.get_slice(name).get_shape()) for name in f.keys()}
+    quantized = [name for name, (dtype, _) in tensors.items() if dtype == "F8_E4M3"]
+    for name in quantized:  # a float32 scale per 128x128 block, partial at the edges
+        rows, cols = tensors[name][1]
+        assert tensors[f"{name}_scale_inv"] == ("F32", [-(-rows // 128), -(-cols // 128)]), name
+    assert any(shape[0] % 128 and shape[0] > 128 for _, shape in (tensors[n] for n in quantized))  # edge after a full
+    layer = "model.layers.1."
+    for part in ("self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.kv_b_proj",
+                 "self_attn.o_proj", "mlp.shared_experts.gate_proj", "mlp.experts.0.down_proj"):  # fmt: skip
+        assert f"{layer}{part}.weight" in quantized, part
+    assert "model.layers.0.mlp.up_proj.weight" in quantized  # the dense MLP
+    plain = {name: dtype for name, (dtype, _) in tensors.items() if name not in quantized and "_scale_inv" not in name}
+    assert set(plain.values()) == {"BF16"}  # embeddings, norms, gates, their bias, lm_head
+    assert {"lm_head.weight", "model.embed_tokens.weight", f"{layer}mlp.gate.weight",
+            f"{layer}mlp.gate.e_score_correction_bias", f"{layer}input_layernorm.weight"} <= set(plain)  # fmt: skip
+
+    result = cli("generate", "--model", str(out), "--prompt-ids", "5,6,7", "--max-tokens", "6", "--json")
+    assert result.returncode == 0, result.stderr
+    [want] = LLMEngine.from_pretrained(out).generate_batch([[5, 6, 7]], SamplingParams(max_tokens=6, temperature=0.0))
+    assert json.loads(result.stdout)["token_ids"] == want.token_ids
+
+
+def test_make_demo_fp8_is_only_for_deepseek(tmp_path):
+    result = cli("make-demo", "--arch", "mixtral", "--fp8", "--out", str(tmp_path / "x"))
+    assert result.returncode == 2 and "deepseek_v3" in result.stderr and "Traceback" not in result.stderr

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from deployments.capacity import CapacityError, count_params, kv_bytes_per_token, load_config, plan_capacity
+from deployments.capacity import (
+    CapacityError,
+    count_params,
+    fp8_checkpoint_bytes,
+    kv_bytes_per_token,
+    load_config,
+    plan_capacity,
+)
 from deployments.cli import main
 from serving.demo import ARCHS, DEMO_VOCAB_SIZE, demo_config
 from serving.errors import ConfigError
@@ -94,12 +101,89 @@ def test_plan_command_prints_the_placement(capsys):
         assert expected in out
 
 
-def test_plan_accepts_the_public_fp8_config(tmp_path):
-    # The published config.json carries quantization_config, which the engine refuses; planning ignores it.
+PUBLISHED_FP8 = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+
+
+def fp8_config(tmp_path: Path, quant: dict = PUBLISHED_FP8) -> Path:
+    """The public DeepSeek-V3 config as published: with its quantization_config."""
     raw = json.loads(DEEPSEEK_V3.read_text())
-    raw["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
-    (tmp_path / "config.json").write_text(json.dumps(raw))
-    assert count_params(load_config(tmp_path)).routed == ROUTED
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "quantization_config": quant}))
+    return tmp_path
+
+
+def blocks(rows: int, cols: int) -> int:
+    return math.ceil(rows / 128) * math.ceil(cols / 128)
+
+
+# DeepSeek-V3 on disk: quantized matrices 1 byte/param + a float32 scale per 128x128 block; the rest bf16.
+EXPERT_SCALES = MOE_LAYERS * (2 * blocks(MOE_I, H) + blocks(H, MOE_I))  # 58 x 3 x 16 x 56
+# Attention: q_a, q_b, kv_a_proj_with_mqa (576 rows: 4 full blocks and a partial one), kv_b, o.
+ATTENTION_LINEAR = [
+    (Q_RANK, H), (HEADS * (NOPE + ROPE), Q_RANK), (KV_RANK + ROPE, H), (HEADS * (NOPE + V_DIM), KV_RANK),
+    (H, HEADS * V_DIM),
+]  # fmt: skip
+MLP = [(DENSE_I, H), (DENSE_I, H), (H, DENSE_I)]
+SHARED = [(MOE_I, H), (MOE_I, H), (H, MOE_I)]
+DENSE_LINEAR = LAYERS * ATTENTION_LINEAR + DENSE_LAYERS * MLP + MOE_LAYERS * SHARED
+DENSE_QUANTIZED = sum(r * c for r, c in DENSE_LINEAR)
+DENSE_DISK = DENSE_QUANTIZED + 4 * sum(blocks(r, c) for r, c in DENSE_LINEAR) + 2 * (DENSE - DENSE_QUANTIZED)
+
+
+def test_plan_accepts_the_public_fp8_config_and_counts_its_bytes_on_disk(tmp_path):
+    cfg = load_config(fp8_config(tmp_path))
+    assert cfg.fp8_block == (128, 128) and count_params(cfg).routed == ROUTED
+    disk = fp8_checkpoint_bytes(cfg)
+    assert disk.per_expert == PER_EXPERT + 4 * EXPERT_SCALES
+    assert disk.routed == EXPERTS * (PER_EXPERT + 4 * EXPERT_SCALES)
+    assert disk.dense == DENSE_DISK
+    # In memory the engine holds the served dtype: the bf16 plan of the fp8 checkpoint is the bf16 plan.
+    plan = plan_capacity(cfg, gpu_memory_gib=80, dtype="bf16")
+    bf16 = plan_capacity(load_config(DEEPSEEK_V3), gpu_memory_gib=80, dtype="bf16")
+    assert plan.checkpoint_bytes == disk and bf16.checkpoint_bytes is None
+    assert (plan.shard_bytes, plan.router_bytes, plan.kv_tokens) == (
+        bf16.shard_bytes,
+        bf16.router_bytes,
+        bf16.kv_tokens,
+    )
+
+
+def test_plan_command_reports_fp8_bytes_on_disk_and_in_memory_separately(tmp_path, capsys):
+    assert main(["plan", "--model", str(fp8_config(tmp_path)), "--gpu-memory", "80"]) == 0
+    out = capsys.readouterr().out
+    disk = EXPERTS * (PER_EXPERT + 4 * EXPERT_SCALES) + DENSE_DISK
+    assert f"checkpoint on disk: {disk / GIB:.1f} GiB in block-wise fp8" in out
+    assert f"weights in memory: {(ROUTED + DENSE) * 2 / GIB:.1f} GiB in bf16" in out
+    assert f"largest: {15 * (PER_EXPERT + 4 * EXPERT_SCALES) / GIB:.1f} GiB from disk" in out  # 15 experts
+    assert "dequantized at load" in out
+    assert main(["plan", "--model", str(fp8_config(tmp_path)), "--gpu-memory", "80", "--dtype", "fp8"]) == 0
+    assert f"weights in memory: {(ROUTED + DENSE) / GIB:.1f} GiB in fp8" in capsys.readouterr().out
+    assert main(["plan", "--model", str(DEEPSEEK_V3), "--gpu-memory", "80"]) == 0
+    assert "on disk" not in capsys.readouterr().out  # bf16 checkpoints: disk = memory, one number
+
+
+def test_plan_refuses_other_quantizations_by_name(tmp_path, capsys):
+    gptq = fp8_config(tmp_path, {"quant_method": "gptq", "bits": 4})
+    assert main(["plan", "--model", str(gptq), "--gpu-memory", "80"]) == 2
+    assert "quantization_config.quant_method='gptq'" in capsys.readouterr().err
+
+
+def test_fp8_bytes_on_disk_match_what_make_demo_writes(tmp_path):
+    """The demo's fp8 checkpoint, every tensor's bytes from its safetensors header."""
+    from safetensors import safe_open
+
+    from serving.demo import make_demo
+
+    folder = make_demo(tmp_path / "fp8", "deepseek_v3", fp8=True, progress=False)
+    width = {"F8_E4M3": 1, "BF16": 2, "F32": 4}
+    stored = {"routed": 0, "dense": 0}
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        for name in f.keys():
+            sl = f.get_slice(name)
+            stored["routed" if ".mlp.experts." in name else "dense"] += (
+                math.prod(sl.get_shape()) * width[sl.get_dtype()]
+            )
+    disk = fp8_checkpoint_bytes(load_config(folder))
+    assert (disk.routed, disk.dense) == (stored["routed"], stored["dense"])
 
 
 def test_too_small_gpus_are_refused_with_the_part_that_does_not_fit(capsys):

@@ -143,3 +143,14 @@ def test_config_errors_name_the_arch_or_field(tokenizer_dir, tmp_path):
 def test_make_demo_reports_progress(tmp_path, capsys):
     make_demo(tmp_path, "olmoe", progress=True)
     assert "make-demo olmoe" in capsys.readouterr().err
+
+
+def test_fp8_demo_is_byte_identical_across_runs_and_only_for_deepseek(tmp_path):
+    first = make_demo(tmp_path / "a", "deepseek_v3", fp8=True, progress=False)
+    second = make_demo(tmp_path / "b", "deepseek_v3", fp8=True, progress=False)
+    names = sorted(p.name for p in first.iterdir())
+    assert names == sorted(p.name for p in second.iterdir())
+    for name in names:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    with pytest.raises(ConfigError, match="fp8 demo: only arch 'deepseek_v3'"):
+        make_demo(tmp_path / "c", "qwen3_moe", fp8=True, progress=False)
