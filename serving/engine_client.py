@@ -22,6 +22,9 @@ from serving.errors import RequestError
 MAX_LOGPROBS = 20  # as OpenAI: at most 20 alternatives per token
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # serving/model/dtypes.py maps them to torch dtypes
 DType = Literal["float32", "bfloat16", "float16"]
+# How the native engine computes routed experts (serving/experts/kernels.py resolves "auto").
+EXPERT_KERNELS = ("auto", "loop", "vllm")
+ExpertKernel = Literal["auto", "loop", "vllm"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,12 @@ class EngineConfig(BaseModel):
     max_running: int = Field(64, ge=1, description="Most sequences decoded together in one step.")
     max_waiting: int = Field(256, ge=0, description="Most requests queued; past it requests are refused.")
     max_model_len: int | None = Field(None, ge=1, description="Context limit; default: the model's.")
+    expert_kernel: ExpertKernel = Field(
+        "loop",
+        description="Routed experts (native engine): loop runs one matmul pair per expert in torch; vllm runs "
+        "vLLM's fused MoE op (needs vLLM installed); auto takes vllm where it is installed and supports the "
+        "dtype, else loop.",
+    )
 
 
 def check_request(prompt_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> None:

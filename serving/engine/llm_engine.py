@@ -96,7 +96,7 @@ class LLMEngine:
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None) -> LLMEngine:
         """The whole model in this process, with its tokenizer."""
         config = config or EngineConfig()
-        model, experts = load_local(path, torch_dtype(config.dtype))
+        model, experts = load_local(path, torch_dtype(config.dtype), config.expert_kernel)
         return cls(model, experts, Tokenizer(path), config)
 
     # -- requests ---------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from serving.engine_client import ExpertKernel
 from serving.experts.backend import ExpertBackend
 from serving.experts.loading import load_experts
 from serving.experts.local import LocalExpertBackend
@@ -119,8 +120,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Mo
     return model.eval().requires_grad_(False), ckpt
 
 
-def load_local(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[MoEForCausalLM, LocalExpertBackend]:
-    """The whole model in this process: dense part plus every routed expert."""
+def load_local(
+    path: str | Path, dtype: torch.dtype = torch.float32, expert_kernel: ExpertKernel = "loop"
+) -> tuple[MoEForCausalLM, LocalExpertBackend]:
+    """The whole model in this process: dense part plus every routed expert, on `expert_kernel`."""
     model, ckpt = load_model(path, dtype)
-    experts = load_experts(ckpt, model.config, list(range(model.config.num_experts)), dtype)
+    experts = load_experts(ckpt, model.config, list(range(model.config.num_experts)), dtype, expert_kernel)
     return model, LocalExpertBackend(experts)
