@@ -1,17 +1,25 @@
 """ExpertShard: one shard's routed experts of every MoE layer, stateless, one GPU per replica.
 
 Each replica reads only its own experts' tensors from the checkpoint, so its memory is its share
-of the expert weights. It holds no per-request state: any replica of a shard serves any call.
+of the expert weights. It holds no per-request state: any replica of a shard serves any call. Its experts
+run on the expert kernel the config names (`engine_config.expert_kernel`, serving/experts/kernels.py),
+resolved in the replica and exported once as moe_expert_kernel_info{model, kernel}.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from ray import serve
 from torch import Tensor
 
+from deployments.metrics import RaySink
+from serving.engine_client import ExpertKernel
+from serving.experts.kernels import kernel_of
 from serving.experts.loading import load_experts
 from serving.experts.sharded import ShardCall, run_shard_call
+from serving.metrics import EXPERT_KERNEL
 from serving.model.checkpoint import Checkpoint
 from serving.model.config import ModelConfig
 from serving.model.dtypes import torch_dtype
@@ -19,12 +27,23 @@ from serving.model.dtypes import torch_dtype
 
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=10)
 class ExpertShard:
-    def __init__(self, model_path: str, shard_id: int, expert_ids: list[int], dtype: str):
+    def __init__(
+        self,
+        model_path: str,
+        shard_id: int,
+        expert_ids: list[int],
+        dtype: str,
+        expert_kernel: ExpertKernel = "loop",
+        model_name: str | None = None,
+    ):
         self.shard_id, self.expert_ids = shard_id, list(expert_ids)
         ckpt = Checkpoint(model_path)
         cfg = ModelConfig.from_pretrained(model_path)
-        self.layers = load_experts(ckpt, cfg, self.expert_ids, torch_dtype(dtype))
+        self.layers = load_experts(ckpt, cfg, self.expert_ids, torch_dtype(dtype), expert_kernel)
         self.bytes_loaded = ckpt.bytes_read
+        self.kernel = kernel_of(self.layers)  # resolved here, where it runs: "auto" becomes loop or vllm
+        labels = {"model": model_name or Path(model_path).name, "kernel": self.kernel}
+        RaySink().record(EXPERT_KERNEL, 1, labels)
 
     @torch.inference_mode()  # here, not in __init__: grad mode is per thread, and Serve may call from another
     def run(self, layer: int, call: ShardCall) -> Tensor:
@@ -37,4 +56,5 @@ class ExpertShard:
             "expert_ids": self.expert_ids,
             "bytes_loaded": self.bytes_loaded,
             "expert_bytes": sum(layer.nbytes for layer in self.layers.values()),
+            "expert_kernel": self.kernel,
         }
