@@ -36,7 +36,8 @@ from serving.experts.local import StackedExperts
 # (vLLM's CPUUnquantizedExperts.output_alignment). The width is zero-padded up to it here, as vLLM does;
 # a hidden size that is not a multiple cannot run (`unsupported`).
 CPU_ALIGN = 32
-# Measured against float64 references (tests/serving/experts/test_fused.py): all three run on both devices.
+# The dtypes each device's op takes. CPU: all three, checked against the loop kernel in
+# tests/serving/experts/test_fused.py. CUDA: the compute types of vLLM's Triton kernel (not run here).
 DTYPES = {
     "cpu": (torch.float32, torch.bfloat16, torch.float16),
     "cuda": (torch.float32, torch.bfloat16, torch.float16),
