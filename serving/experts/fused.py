@@ -8,12 +8,13 @@ it is. vLLM is imported only when an instance is built (importing it takes secon
     out = layer.forward(hidden, local_rows, experts, weights)   # [R, D], as StackedExperts.forward
 
 How our assignments meet the op: it takes per-row ids and weights, ``topk_ids [M, k]`` int32 positions
-in its weight stack and ``topk_weights [M, k]`` float32, and sums each row's k weighted outputs. A shard's
-rows have a varying number of assignments (only those of its experts), so every assignment goes in as
-a row of its own with k = 1 (M = A). The op does not check ids: one outside 0..E_held-1 indexes past its
-buffers. So no id the shard does not hold ever reaches it; such assignments are refused first, with the
-loop kernel's ValueError. The A weighted outputs are then added into their rows in expert order, the
-loop kernel's order of additions.
+in its weight stack and ``topk_weights [M, k]`` float32, and sums each row's k weighted outputs. When
+every row has the same k assignments in the gate's slot-major order (the router's in-process backend),
+that is the op's layout as it is (M = R). A shard's rows have a varying number of assignments (only
+those of its experts), so there every assignment goes in as a row of its own with k = 1 (M = A), and the
+A weighted outputs are added into their rows in expert order, the loop kernel's order of additions.
+The op does not check ids: one outside 0..E_held-1 indexes past its buffers. So no id the process does
+not hold ever reaches it; such assignments are refused first, with the loop kernel's ValueError.
 
 Shape legend: R = rows sent here, D = hidden, I = expert width, I_p = I padded to the CPU op's
 alignment, E_held = experts held here, A = (row, expert) assignments.
@@ -29,7 +30,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from router.dispatch import group_by_expert
 from serving.experts.local import StackedExperts
 
 # The CPU op works in tiles of 32 output channels: hidden and expert width must be multiples of 32
@@ -156,20 +156,44 @@ class VLLMFusedExperts:
         """Weighted expert outputs summed per row: ``out [R, D]`` in hidden's dtype (StackedExperts.forward's
         contract: assignment a adds ``weights[a] * expert_{experts[a]}(hidden[local_rows[a]])`` to
         ``out[local_rows[a]]``; an expert not held is a ValueError). One op call per layer and call."""
-        out = torch.zeros_like(hidden)  # [R, D]
         if experts.numel() == 0:
-            return out
+            return torch.zeros_like(hidden)  # [R, D]
         held = len(self.index)
         local = self.index.to_local(experts)  # [A], held = not held here
-        order, counts = group_by_expert(local, held + 1)  # [A] expert-major, stable; [E_held + 1]
-        if int(counts[held]):  # the one host sync per call (the loop kernel has one too)
+        if bool((local == held).any()):  # the one host sync per call (the loop kernel has one too)
             self.index.refuse_missing(experts, local)
-        rows = local_rows.to(hidden.device)[order]  # [A] each assignment's row, in expert order
+        local_rows, weights = local_rows.to(hidden.device), weights.to(hidden.device)
+        if top_k := _slot_major(local_rows, hidden.shape[0]):
+            return self._rows_of_k(hidden, local, weights, top_k)
+        return self._row_per_assignment(hidden, local_rows, local, weights)
+
+    def _rows_of_k(self, hidden: Tensor, local: Tensor, weights: Tensor, top_k: int) -> Tensor:
+        """Every row has `top_k` assignments, slot-major (the gate's output through `flatten`, as the
+        router's in-process backend sends them): the op's own layout, so the op sums each row's k terms
+        itself, in float32, and no gather or scatter is needed. [R, D]"""
+        rows = hidden.shape[0]
+        ids = local.view(top_k, rows).t().to(torch.int32).contiguous()  # [R, k] stack positions
+        w = weights.view(top_k, rows).t().float().contiguous()  # [R, k] float32
+        return self._op.run(hidden.to(self.dtype).contiguous(), self.w13, self.w2, w, ids).to(hidden.dtype)
+
+    def _row_per_assignment(self, hidden: Tensor, local_rows: Tensor, local: Tensor, weights: Tensor) -> Tensor:
+        """Any other layout (a shard's rows carry only its own experts): one op row per assignment. [R, D]"""
+        order = torch.sort(local, stable=True).indices  # [A] expert-major, a row's experts ascending
+        rows = local_rows[order]  # [A] each assignment's row, in expert order
         x = hidden[rows].to(self.dtype)  # [A, D] one row per assignment (a gather: contiguous)
         ids = local[order].to(torch.int32).unsqueeze(1)  # [A, 1] stack positions, all < E_held
-        w = weights.to(hidden.device)[order].float().unsqueeze(1)  # [A, 1] float32, as the op reads them
+        w = weights[order].float().unsqueeze(1)  # [A, 1] float32, as the op reads them
         y = self._op.run(x, self.w13, self.w2, w, ids)  # [A, D] w[a] * expert(x[a]), experts' dtype
         # Rows repeat across experts; index_add_ adds in index order, so each row sums its experts in
         # ascending order, rounding in hidden's dtype after each, as the loop kernel does.
-        out.index_add_(0, rows, y.to(out.dtype))  # [R, D]
-        return out
+        return torch.zeros_like(hidden).index_add_(0, rows, y.to(hidden.dtype))  # [R, D]
+
+
+def _slot_major(local_rows: Tensor, rows: int) -> int:
+    """k if the assignments are k per row, slot-major (rows 0..R-1, k times over), else 0."""
+    count = local_rows.numel()
+    if rows == 0 or count % rows:
+        return 0
+    top_k = count // rows
+    expected = torch.arange(rows, device=local_rows.device).repeat(top_k)  # [A]
+    return top_k if torch.equal(local_rows, expected) else 0
