@@ -72,7 +72,14 @@ def _native_engine(cfg: AppConfig, config: dict) -> EngineFactory:
             name=f"ExpertShard-{i}",
             num_replicas=cfg.shard_replicas,
             ray_actor_options=cfg.replica_options(cfg.shard_resources),
-        ).bind(cfg.model, i, list(placement.experts_of(i)), cfg.engine_config.model_dump(), cfg.accelerator)
+        ).bind(
+            cfg.model,
+            i,
+            list(placement.experts_of(i)),
+            cfg.engine_config.model_dump(),
+            cfg.accelerator,
+            model_name=cfg.model_name,
+        )
         for i in range(placement.num_shards if placement else 0)
     ]
     return NativeEngineFactory(config, placement, shards)

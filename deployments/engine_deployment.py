@@ -46,9 +46,11 @@ class NativeEngineFactory:
         # Imported here: the Ingress process imports this module for the factory's type, never the model.
         from serving.engine.async_engine import AsyncEngine
         from serving.engine.llm_engine import LLMEngine
+        from serving.experts.kernels import kernel_of
         from serving.experts.loading import load_experts
         from serving.experts.local import LocalExpertBackend
         from serving.experts.sharded import ShardedExpertBackend
+        from serving.metrics import EXPERT_KERNEL
         from serving.model.decoder import load_model
         from serving.model.device import resolve_device
         from serving.model.dtypes import torch_dtype
@@ -60,9 +62,11 @@ class NativeEngineFactory:
         model, ckpt = load_model(cfg.model, dtype, device)
         sink, name = RaySink(), cfg.model_name
         if self.placement is None:
-            all_experts = list(range(model.config.num_experts))
-            experts = LocalExpertBackend(load_experts(ckpt, model.config, all_experts, dtype, device))
-        else:
+            every = list(range(model.config.num_experts))
+            layers = load_experts(ckpt, model.config, every, dtype, device, cfg.engine_config.expert_kernel)
+            sink.record(EXPERT_KERNEL, 1, {"model": name, "kernel": kernel_of(layers)})
+            experts = LocalExpertBackend(layers)
+        else:  # the shards run the experts (and record their kernel)
             experts = ShardedExpertBackend(self.placement, HandleTransport(self.shards, sink, name))
         labels = {"model": name, "replica": replica}
         engine = LLMEngine(model, experts, Tokenizer(cfg.model), cfg.engine_config, metrics=sink, metric_labels=labels)

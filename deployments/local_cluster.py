@@ -9,9 +9,12 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from deployments.config import AppConfig
 
 APP_NAME = "moe"
 
@@ -53,6 +56,7 @@ def serve_forever(
         from serving.vllm_engine import require_vllm
 
         require_vllm()
+    engine = describe_engine(cfg)  # expert_kernel: vllm without vLLM fails here, before any process starts
     stop = threading.Event()
     # CPU reservations are for placement, not limits: a laptop with fewer cores still runs the app.
     num_cpus = max(os.cpu_count() or 1, math.ceil(cfg.total_cpus()))
@@ -67,7 +71,6 @@ def serve_forever(
         url = f"http://{host}:{port}"
         wait_ready(url)
         model = cfg.served_model_name or Path(cfg.model).name
-        engine = f"{cfg.shards} expert shard(s)" if cfg.engine == "native" else "engine vllm"
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         print(_banner(url, model, engine, metrics_url, cfg.retrieval is not None), flush=True)
         stop.wait()
@@ -75,6 +78,26 @@ def serve_forever(
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def describe_engine(cfg: AppConfig) -> str:
+    """The banner's engine words: "2 expert shard(s), expert kernel vllm (auto)", or "engine vllm".
+
+    The kernel is resolved here as every replica on this machine resolves it (same venv, same rule).
+    """
+    if cfg.engine == "vllm":
+        return "engine vllm"
+    import torch
+
+    from serving.experts.kernels import resolve_kernel
+    from serving.model.config import ModelConfig
+    from serving.model.dtypes import torch_dtype
+
+    name = cfg.engine_config.expert_kernel
+    hidden_size = ModelConfig.from_pretrained(cfg.model).hidden_size
+    kernel = resolve_kernel(name, torch_dtype(cfg.engine_config.dtype), torch.device("cpu"), hidden_size)
+    where = f"{cfg.shards} expert shard(s)" if cfg.shards else "experts in the router"
+    return f"{where}, expert kernel {kernel}" + (" (auto)" if name == "auto" else "")
 
 
 def _banner(url: str, model: str, engine: str, metrics_url: str, retrieval: bool) -> str:

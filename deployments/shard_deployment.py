@@ -1,18 +1,25 @@
 """ExpertShard: one shard's routed experts of every MoE layer, stateless, one GPU per replica.
 
 Each replica reads only its own experts' tensors from the checkpoint, so its memory is its share
-of the expert weights. It holds no per-request state: any replica of a shard serves any call.
+of the expert weights. It holds no per-request state: any replica of a shard serves any call. Its experts
+run on the expert kernel the config names (`engine_config.expert_kernel`, serving/experts/kernels.py),
+resolved in the replica and exported once as moe_expert_kernel_info{model, kernel}.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from ray import serve
 from torch import Tensor
 
+from deployments.metrics import RaySink
 from serving.engine_client import EngineConfig
+from serving.experts.kernels import kernel_of
 from serving.experts.loading import load_experts
 from serving.experts.sharded import ShardCall, run_shard_call
+from serving.metrics import EXPERT_KERNEL
 from serving.model.checkpoint import Checkpoint
 from serving.model.config import ModelConfig
 from serving.model.device import resolve_device
@@ -21,15 +28,28 @@ from serving.model.dtypes import torch_dtype
 
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=10)
 class ExpertShard:
-    def __init__(self, model_path: str, shard_id: int, expert_ids: list[int], engine_config: dict, accelerator: str):
+    def __init__(
+        self,
+        model_path: str,
+        shard_id: int,
+        expert_ids: list[int],
+        engine_config: dict,
+        accelerator: str,
+        model_name: str | None = None,
+    ):
         self.shard_id, self.expert_ids = shard_id, list(expert_ids)
         config = EngineConfig.model_validate(engine_config)
         replica = serve.get_replica_context().replica_tag
         self.device = resolve_device(config.device, accelerator, f"ExpertShard-{shard_id} replica {replica}")
         cfg = ModelConfig.from_pretrained(model_path)
         ckpt = Checkpoint(model_path, fp8_block=cfg.fp8_block)  # fp8: only these experts' weights and scales
-        self.layers = load_experts(ckpt, cfg, self.expert_ids, torch_dtype(config.dtype), self.device)
+        self.layers = load_experts(
+            ckpt, cfg, self.expert_ids, torch_dtype(config.dtype), self.device, config.expert_kernel
+        )
         self.bytes_loaded = ckpt.bytes_read
+        self.kernel = kernel_of(self.layers)  # resolved here, where it runs: "auto" becomes loop or vllm
+        labels = {"model": model_name or Path(model_path).name, "kernel": self.kernel}
+        RaySink().record(EXPERT_KERNEL, 1, labels)
 
     @torch.inference_mode()  # here, not in __init__: grad mode is per thread, and Serve may call from another
     def run(self, layer: int, call: ShardCall) -> Tensor:
@@ -44,4 +64,5 @@ class ExpertShard:
             "bytes_loaded": self.bytes_loaded,
             "device": str(self.device),
             "expert_bytes": sum(layer.nbytes for layer in self.layers.values()),
+            "expert_kernel": self.kernel,
         }

@@ -22,6 +22,9 @@ from serving.errors import RequestError
 MAX_LOGPROBS = 20  # as OpenAI: at most 20 alternatives per token
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # serving/model/dtypes.py maps them to torch dtypes
 DType = Literal["float32", "bfloat16", "float16"]
+# How the native engine computes routed experts (serving/experts/kernels.py resolves "auto").
+EXPERT_KERNELS = ("auto", "loop", "vllm")
+ExpertKernel = Literal["auto", "loop", "vllm"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,12 @@ class EngineConfig(BaseModel):
         pattern=r"^(cpu|cuda(:\d+)?)$",
         description="Where a replica computes: cpu, cuda or cuda:N. Default: the replica's GPU with "
         "accelerator: gpu, else cpu (native engine; vLLM places itself).",
+    )
+    expert_kernel: ExpertKernel = Field(
+        "loop",
+        description="Routed experts (native engine): loop runs one matmul pair per expert in torch; vllm runs "
+        "vLLM's fused MoE op (needs vLLM installed); auto takes vllm where it is installed and supports the "
+        "dtype, else loop.",
     )
 
 

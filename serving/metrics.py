@@ -1,12 +1,13 @@
 """Every metric the service exports, declared in one place, and the pure-Python parts that record them.
 
 Names carry the `moe_` prefix and their unit (`_seconds`, `_total`); labels are bounded (model,
-route, status, shard, layer, expert), never a request id. What measures what:
+route, status, shard, layer, expert, kernel), never a request id. What measures what:
 
     TTFT, ITL, end-to-end     MeteredClient, around the engine client the HTTP API calls: what users feel
     HTTP requests             HttpMetrics, an ASGI middleware (route and status code)
     engine step, queue, KV    LLMEngine.record_step, once per engine step
     tokens per expert         RoutingCounter (serving/experts/routing_counter.py), the gate's choices
+    expert kernel             each replica holding experts, once at start (shard, or router with shards: 0)
     dispatch per shard        the shard transport (deployments/transport.py)
     retrieval latency, errors the API's retrieval calls (serving/api/retrieval.py), hop to the Retriever included
 
@@ -61,6 +62,8 @@ STEP = Metric("moe_engine_step_seconds", "histogram", "Duration of one engine st
 BATCH = Metric("moe_engine_batch_tokens", "histogram", "Tokens run in one engine step.", buckets=BATCH_BUCKETS)
 EXPERT_TOKENS = Metric("moe_expert_tokens_total", "counter", "Token rows the gate routed to each expert.",
                        labels=("model", "layer", "expert"))  # fmt: skip
+EXPERT_KERNEL = Metric("moe_expert_kernel_info", "gauge", "1 for the expert kernel (loop or vllm, auto resolved) "
+                       "a replica holding experts runs.", labels=("model", "kernel"))  # fmt: skip
 DISPATCH = Metric("moe_dispatch_seconds", "histogram", "One MoE layer's call to one shard, send to result.",
                   labels=("model", "shard"), buckets=STEP_BUCKETS)  # fmt: skip
 HTTP_REQUESTS = Metric("moe_http_requests_total", "counter", "HTTP requests by route and status code.",
@@ -72,7 +75,7 @@ RETRIEVAL_ERRORS = Metric("moe_retrieval_errors_total", "counter", "Searches tha
                           labels=("model", "reason"))  # fmt: skip
 
 ALL = (TTFT, ITL, E2E, QUEUE, PROMPT_TOKENS, GENERATED_TOKENS, RUNNING, WAITING, KV_USAGE, STEP, BATCH,
-       EXPERT_TOKENS, DISPATCH, HTTP_REQUESTS, RETRIEVAL, RETRIEVAL_ERRORS)  # fmt: skip
+       EXPERT_TOKENS, EXPERT_KERNEL, DISPATCH, HTTP_REQUESTS, RETRIEVAL, RETRIEVAL_ERRORS)  # fmt: skip
 
 
 class MetricsSink(Protocol):

@@ -98,7 +98,7 @@ class LLMEngine:
         """The whole model in this process, with its tokenizer, on config.device (default: cpu)."""
         config = config or EngineConfig()
         device = resolve_device(config.device, "cpu", "LLMEngine.from_pretrained")
-        model, experts = load_local(path, torch_dtype(config.dtype), device)
+        model, experts = load_local(path, torch_dtype(config.dtype), device, config.expert_kernel)
         return cls(model, experts, Tokenizer(path), config)
 
     # -- requests ---------------------------------------------------------------------------------

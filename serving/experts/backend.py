@@ -5,16 +5,22 @@ The model's MoE layer computes the gate, then calls an ``ExpertBackend``. ``Loca
 (serving/experts/sharded.py) sends them to expert shards over a transport. Both implement this
 protocol, so a test runs one layer both ways and compares the numbers.
 
+Behind either backend, one layer's experts held by one process are a ``LayerExperts``: the loop kernel
+(``StackedExperts``, serving/experts/local.py) or vLLM's fused op (``VLLMFusedExperts``,
+serving/experts/fused.py), chosen by ``engine_config.expert_kernel`` (serving/experts/kernels.py).
+
 Usage::
 
     out = backend(layer, hidden, weights, ids)   # [T, D]
+    part = layer_experts.forward(hidden, local_rows, experts, weights)   # [R, D]
 """
 
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
-# T = tokens, K = experts per token, D = hidden
+# T = tokens, K = experts per token, D = hidden, R = rows sent to one process, A = (row, expert) assignments
 
 
 class ExpertBackend(Protocol):
@@ -23,5 +29,33 @@ class ExpertBackend(Protocol):
         ``out[t] = sum_k weights[t, k] * expert_{ids[t, k]}(hidden[t])`` for MoE layer ``layer``.
 
         hidden: [T, D]; weights: [T, K] (the gate's output); ids: [T, K] global expert ids.
+        """
+        ...
+
+
+class LayerExperts(Protocol):
+    """One MoE layer's experts held by one process (a shard, or the router with every expert)."""
+
+    kernel: str  # "loop" or "vllm": the expert kernel that computes them
+
+    @property
+    def expert_ids(self) -> Tensor:
+        """[E_held] int64 global ids of the held experts, ascending."""
+        ...
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of expert weights held."""
+        ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def forward(self, hidden: Tensor, local_rows: Tensor, experts: Tensor, weights: Tensor) -> Tensor:
+        """Weighted expert outputs summed per row: ``out [R, D]`` in hidden's dtype.
+
+        hidden: [R, D]; local_rows, experts (global ids, all held here), weights: [A] assignments, where
+        assignment a adds ``weights[a] * expert_{experts[a]}(hidden[local_rows[a]])`` to
+        ``out[local_rows[a]]``. A row with no assignment stays zero; an expert not held is a ValueError.
         """
         ...

@@ -8,16 +8,49 @@ Usage::
     out = backend(3, hidden, weights, ids)   # [T, D]
 """
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from router.dispatch import flatten, group_by_expert
+from serving.experts.backend import LayerExperts
 
 # T = tokens, K = experts per token, D = hidden, I = expert intermediate size,
 # E_held = experts held here, R = rows sent here, A = assignments, n = rows of one expert
+
+
+class ExpertIndex:
+    """The global ids of the experts one process holds, and the map from a global id to a stack position.
+
+    ids: [E_held] int64, non-empty, >= 0, strictly ascending; position i holds expert ``ids[i]``.
+    """
+
+    def __init__(self, ids: Tensor) -> None:
+        if ids.ndim != 1 or ids.numel() == 0 or int(ids.min()) < 0 or not bool((ids[1:] > ids[:-1]).all()):
+            raise ValueError(f"StackedExperts: expert_ids must be non-empty, >= 0, strictly ascending: {ids.tolist()}")
+        self.ids = ids.to(torch.int64)  # [E_held]
+        held = ids.numel()
+        # global id -> position, built once: ids not held (and any id past the table) map to `held`, an
+        # overflow bucket that callers count along with the rest, so checking costs no extra sync.
+        lookup = torch.full((int(ids[-1]) + 2,), held, dtype=torch.int64, device=ids.device)  # [max id + 2]
+        lookup[self.ids] = torch.arange(held, device=ids.device)
+        self._lookup = lookup
+
+    def __len__(self) -> int:
+        return self.ids.numel()
+
+    def to_local(self, experts: Tensor) -> Tensor:
+        """Map global expert ids [A] to positions in the stack [A]; an id not held maps to E_held."""
+        experts = experts.to(self._lookup.device)  # [A]
+        past = self._lookup.numel() - 1
+        return self._lookup[torch.where(experts < 0, past, experts).clamp_(max=past)]  # [A]
+
+    def refuse_missing(self, experts: Tensor, local: Tensor) -> None:
+        """Raise ValueError naming the first assignment whose expert is not held (local == E_held)."""
+        bad = int(experts.to(local.device)[local == len(self)][0])  # error path: syncs are fine
+        raise ValueError(f"expert id {bad} is not held here (held: {_describe_ids(self.ids)})")
 
 
 class StackedExperts:
@@ -26,8 +59,11 @@ class StackedExperts:
     gate_up: [E_held, 2I, D], gate rows first, then up rows (HF's fused ``gate_up_proj``).
     down: [E_held, D, I] (HF's fused ``down_proj``).
     expert_ids: the global ids of the held experts, ascending; ``gate_up[i]`` is expert ``expert_ids[i]``.
-    Expert e computes ``down_e @ (silu(gate_e @ x) * (up_e @ x))``.
+    Expert e computes ``down_e @ (silu(gate_e @ x) * (up_e @ x))``. This is the `loop` expert kernel; the
+    `vllm` one (serving/experts/fused.py) takes the same stack and has the same `forward`.
     """
+
+    kernel = "loop"
 
     def __init__(self, gate_up: Tensor, down: Tensor, expert_ids: Iterable[int] | Tensor) -> None:
         ids = torch.as_tensor(list(expert_ids) if not isinstance(expert_ids, Tensor) else expert_ids)
@@ -49,16 +85,18 @@ class StackedExperts:
                 f"StackedExperts: gate_up ({gate_up.dtype}, {gate_up.device}) and down "
                 f"({down.dtype}, {down.device}) must share dtype and device"
             )
-        if held == 0 or int(ids.min()) < 0 or not bool((ids[1:] > ids[:-1]).all()):
-            raise ValueError(f"StackedExperts: expert_ids must be non-empty, >= 0, strictly ascending: {ids.tolist()}")
         self.gate_up = gate_up
         self.down = down
-        self.expert_ids = ids
-        # global id -> position in the stack, built once: ids not held (and any id past the table) map to
-        # `held`, an overflow bucket that forward() counts along with the rest, so checking costs no sync.
-        lookup = torch.full((int(ids[-1]) + 2,), held, dtype=torch.int64, device=ids.device)  # [max id + 2]
-        lookup[ids] = torch.arange(held, device=ids.device)
-        self._lookup = lookup
+        self.index = ExpertIndex(ids)
+
+    @property
+    def expert_ids(self) -> Tensor:
+        """[E_held] int64 global ids of the held experts, ascending."""
+        return self.index.ids
+
+    def to_local(self, experts: Tensor) -> Tensor:
+        """Map global expert ids [A] to positions in the stack [A]; an id not held maps to E_held."""
+        return self.index.to_local(experts)
 
     @property
     def nbytes(self) -> int:
@@ -68,16 +106,6 @@ class StackedExperts:
     @property
     def dtype(self) -> torch.dtype:
         return self.gate_up.dtype
-
-    def to_local(self, experts: Tensor) -> Tensor:
-        """Map global expert ids [A] to positions in the stack [A]; an id not held maps to E_held."""
-        experts = experts.to(self._lookup.device)  # [A]
-        past = self._lookup.numel() - 1
-        return self._lookup[torch.where(experts < 0, past, experts).clamp_(max=past)]  # [A]
-
-    def _refuse_missing(self, experts: Tensor, local: Tensor) -> None:
-        bad = int(experts.to(local.device)[local == self.expert_ids.numel()][0])  # error path: syncs are fine
-        raise ValueError(f"expert id {bad} is not held here (held: {_describe_ids(self.expert_ids)})")
 
     def forward(self, hidden: Tensor, local_rows: Tensor, experts: Tensor, weights: Tensor) -> Tensor:
         """Weighted expert outputs summed per row: ``out [R, D]`` in hidden's dtype.
@@ -89,12 +117,12 @@ class StackedExperts:
         out = torch.zeros_like(hidden)  # [R, D]
         if experts.numel() == 0:
             return out
-        held = self.expert_ids.numel()
-        local = self.to_local(experts)  # [A], held = not held here
+        held = len(self.index)
+        local = self.index.to_local(experts)  # [A], held = not held here
         order, counts = group_by_expert(local, held + 1)  # [A], [E_held + 1]
         counts = counts.tolist()  # the one host sync per call: split sizes (and the not-held count)
         if counts[held]:
-            self._refuse_missing(experts, local)
+            self.index.refuse_missing(experts, local)
         rows_by_expert = local_rows.to(hidden.device)[order].split(counts)  # E_held + 1 x [n]
         weights_by_expert = weights.to(hidden.device)[order].split(counts)  # E_held + 1 x [n]
         # Ascending expert order, adding into `out` in hidden's dtype: the same order of roundings
@@ -112,9 +140,9 @@ class StackedExperts:
 
 
 class LocalExpertBackend:
-    """``ExpertBackend`` computing in this process, over ``{layer: StackedExperts}``."""
+    """``ExpertBackend`` computing in this process, over ``{layer: LayerExperts}`` (either expert kernel)."""
 
-    def __init__(self, layers: dict[int, StackedExperts]) -> None:
+    def __init__(self, layers: Mapping[int, LayerExperts]) -> None:
         self.layers = dict(layers)
 
     def __call__(self, layer: int, hidden: Tensor, weights: Tensor, ids: Tensor) -> Tensor:

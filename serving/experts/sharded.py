@@ -19,7 +19,7 @@ from torch import Tensor
 
 from router.dispatch import check_expert_map, combine, flatten, split_by_shard
 from router.placement import Placement
-from serving.experts.local import StackedExperts
+from serving.experts.backend import LayerExperts
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class ShardedExpertBackend:
         return out
 
 
-def run_shard_call(layers: dict[int, StackedExperts], layer: int, call: ShardCall) -> Tensor:
+def run_shard_call(layers: dict[int, LayerExperts], layer: int, call: ShardCall) -> Tensor:
     """What a shard does with a call: its experts of `layer` over the rows it was sent. [R_s, D]"""
     return layers[layer].forward(call.hidden, call.local_rows, call.experts, call.weights)
 
@@ -78,7 +78,7 @@ def run_shard_call(layers: dict[int, StackedExperts], layer: int, call: ShardCal
 class InProcessTransport:
     """Calls shards living in this process, one after another: tests and overhead baselines."""
 
-    def __init__(self, shards: dict[int, dict[int, StackedExperts]]):
+    def __init__(self, shards: dict[int, dict[int, LayerExperts]]):
         self.shards = shards  # shard -> layer -> experts
 
     def run(self, layer: int, calls: dict[int, ShardCall]) -> dict[int, Tensor]:

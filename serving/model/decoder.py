@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from serving.engine_client import ExpertKernel
 from serving.experts.backend import ExpertBackend
 from serving.experts.loading import load_experts
 from serving.experts.local import LocalExpertBackend
@@ -130,9 +131,12 @@ def load_model(
 
 
 def load_local(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    expert_kernel: ExpertKernel = "loop",
 ) -> tuple[MoEForCausalLM, LocalExpertBackend]:
-    """The whole model in this process, on `device`: dense part plus every routed expert."""
+    """The whole model in this process, on `device`: dense part plus every routed expert, on `expert_kernel`."""
     model, ckpt = load_model(path, dtype, device)
-    experts = load_experts(ckpt, model.config, list(range(model.config.num_experts)), dtype, device)
+    experts = load_experts(ckpt, model.config, list(range(model.config.num_experts)), dtype, device, expert_kernel)
     return model, LocalExpertBackend(experts)

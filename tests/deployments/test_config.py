@@ -107,3 +107,24 @@ def test_engine_vllm_without_vllm_installed_says_how_to_install_it(monkeypatch, 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
     with pytest.raises(ConfigError, match="make install-vllm"):
         build_app({"model": str(demo_dir), "engine": "vllm"})
+
+
+def test_banner_names_the_resolved_expert_kernel(monkeypatch, demo_dir):
+    import importlib.util
+
+    from deployments.local_cluster import describe_engine
+    from serving.errors import ConfigError
+
+    def cfg(**engine_config):
+        return validate({"model": str(demo_dir), "engine_config": engine_config})
+
+    assert describe_engine(cfg()) == "2 expert shard(s), expert kernel loop"
+    assert describe_engine(validate({"model": str(demo_dir), "engine": "vllm"})) == "engine vllm"
+    real = importlib.util.find_spec
+    found = real("json")  # vLLM installed, as importlib sees it; resolving imports nothing
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: found if name == "vllm" else real(name, *a))
+    assert describe_engine(cfg(expert_kernel="auto")) == "2 expert shard(s), expert kernel vllm (auto)"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    assert describe_engine(cfg(expert_kernel="auto")) == "2 expert shard(s), expert kernel loop (auto)"
+    with pytest.raises(ConfigError, match="expert_kernel: vllm: vLLM is not installed"):
+        describe_engine(cfg(expert_kernel="vllm"))

@@ -106,6 +106,9 @@ def test_metrics_reach_prometheus_and_expert_counts_add_up(serve_url, prometheus
         for histogram in histograms:
             count = wait_for(prometheus, f"sum({metric(histogram + '_count')})", lambda v: v > 0)
             assert count and count > 0, histogram
+        # Each of the 2 shards says once which expert kernel it runs (the default, loop).
+        kernels = wait_for(prometheus, f"sum({metric('moe_expert_kernel_info', kernel='loop')})", lambda v: v >= 2)
+        assert kernels == 2
         completions_ok = metric("moe_http_requests_total", route="/v1/completions", status="200")
         http = wait_for(prometheus, f"sum({completions_ok})", lambda v: v >= 1)
         assert http == 1

@@ -139,3 +139,20 @@ def test_bad_inputs_get_4xx_and_the_next_request_succeeds(two_shard_app):
         assert complete(url, "still serving", max_tokens=2)["usage"]["completion_tokens"] == 2
     assert httpx.post(f"{url}/v1/completions", content=b"{not json", timeout=60).status_code == 400
     assert httpx.get(f"{url}/v1/nowhere", timeout=60).status_code == 404
+
+
+def test_vllm_expert_kernel_on_two_shards_serves_the_loop_kernels_greedy_tokens(serve_url, demos):
+    # float32: the fused op's partial sums are within 1e-5 of the loop's (tests/serving/experts/test_fused.py),
+    # far below the demo's argmax margins, so greedy output over HTTP is the same token for token.
+    pytest.importorskip("vllm", reason="expert_kernel: vllm needs vLLM (`make install-vllm`)")
+    engine = LLMEngine.from_pretrained(demos["mixtral"])  # expert_kernel: loop, in process
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    want = [engine.generate_batch([engine.tokenizer.encode(p)], params)[0].text for p in PROMPTS]
+    args = {"model": str(demos["mixtral"]), "shards": 2, "engine_config": {"dtype": "float32", "expert_kernel": "vllm"}}
+    url, name = deploy(serve_url, args)
+    try:
+        assert [complete(url, p)["choices"][0]["text"] for p in PROMPTS] == want
+        infos = [serve.get_deployment_handle(f"ExpertShard-{i}", name).info.remote().result() for i in (0, 1)]
+        assert [i["expert_kernel"] for i in infos] == ["vllm", "vllm"]
+    finally:
+        serve.delete(name)
