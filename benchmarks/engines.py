@@ -1,6 +1,8 @@
-"""Engines under the same load: native with 2 expert shards, native with experts in process, and vLLM.
+"""Engines under the same load: native with 2 expert shards, native with experts in process (each with
+the loop expert kernel and with vLLM's fused MoE op, `expert_kernel: vllm`), and vLLM.
 
     python -m benchmarks.engines [--models demo,bench] [--concurrency 1,8,32] [--duration 30] [--out DIR]
+    python -m benchmarks.engines --models bench --concurrency 32 --engines "native, in process, fused; vllm"
 
 One local Ray cluster serves each engine in turn, on the same checkpoint and engine_config, in one run;
 the load is the load-test runner's (`loadtests/`: locust in its own process, streaming requests, half
@@ -27,10 +29,15 @@ from benchmarks.report import machine_meta, write_report
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-ENGINES = {  # name -> the app args that differ; threads: 2 for dense compute, 1 per shard (2 run at once)
-    "native, 2 shards": {"shards": 2, "router_resources": {"num_cpus": 2}, "shard_resources": {"num_cpus": 1}},
-    "native, in process": {"shards": 0, "router_resources": {"num_cpus": 2}},
-    "vllm": {"engine": "vllm", "router_resources": {"num_cpus": 2}},
+SHARDED = {"shards": 2, "router_resources": {"num_cpus": 2}, "shard_resources": {"num_cpus": 1}}
+IN_PROCESS = {"shards": 0, "router_resources": {"num_cpus": 2}}
+ENGINES = {  # name -> (app args that differ, engine_config fields that differ); threads: 2 for dense
+    # compute, 1 per shard (2 run at once); "fused" is engine_config.expert_kernel: vllm (vLLM's MoE op)
+    "native, 2 shards": (SHARDED, {}),
+    "native, in process": (IN_PROCESS, {}),
+    "native, 2 shards, fused": (SHARDED, {"expert_kernel": "vllm"}),
+    "native, in process, fused": (IN_PROCESS, {"expert_kernel": "vllm"}),
+    "vllm": ({"engine": "vllm", "router_resources": {"num_cpus": 2}}, {}),
 }
 DTYPES = {"demo": "float32", "bench": "bfloat16"}
 
@@ -72,8 +79,10 @@ def deploy(serve_url: str, model: Path, name: str, engine: str, dtype: str, vllm
     from deployments.app import build_app
     from deployments.local_cluster import wait_ready
 
+    app, engine_config = ENGINES[engine]
     args = {"model": str(model), "served_model_name": name, "ingress_resources": {"num_cpus": 0.25},
-            "engine_config": {"dtype": dtype, "kv_cache_mb": 1024, "max_running": 64}, **ENGINES[engine]}  # fmt: skip
+            "engine_config": {"dtype": dtype, "kv_cache_mb": 1024, "max_running": 64, **engine_config},
+            **app}  # fmt: skip
     if engine == "vllm" and vllm_eager:
         args["vllm"] = {"enforce_eager": True}
     serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
@@ -103,7 +112,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig = Figure(figsize=(14, 3.8 * len(models)))
     axes = fig.subplots(len(models), 3, squeeze=False)
     for m, model in enumerate(models):
-        for engine in ENGINES:
+        for engine in dict.fromkeys(r["engine"] for r in rows):
             cells = sorted((r for r in rows if r["model"] == model and r["engine"] == engine), key=lambda r: r["users"])
             xs = [r["users"] for r in cells]
             [line] = axes[m][0].plot(xs, [r["output_tok_s"] for r in cells], marker="o", label=engine)
@@ -127,6 +136,9 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="demo,bench")
+    parser.add_argument(
+        "--engines", default="; ".join(ENGINES), help=f"a subset of: {'; '.join(ENGINES)} (separated by ;)"
+    )
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of load per cell")
     parser.add_argument("--grace", type=float, default=90.0, help="seconds running requests may finish")
@@ -136,6 +148,10 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--plot", default="benchmarks/engines.png")
     args = parser.parse_args()
+    engines = [e.strip() for e in args.engines.split(";")]
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown or "vllm" not in engines:
+        parser.error(f"--engines: unknown {unknown}" if unknown else "--engines must include vllm (the reference)")
 
     import ray
     from ray import serve
@@ -148,7 +164,7 @@ def main() -> None:
     try:
         for name in args.models.split(","):
             model = serving_checkpoint(name, Path(args.cache_dir))
-            for engine in ENGINES:  # one at a time: three copies of the bench model would not fit in 24 GiB
+            for engine in engines:  # one at a time: three copies of the bench model would not fit in 24 GiB
                 url = deploy(f"http://127.0.0.1:{port}", model, name, engine, DTYPES[name], args.vllm_eager)
                 for users in (int(c) for c in args.concurrency.split(",")):
                     cell_dir = Path(args.out) / "engines" / name / engine.replace(", ", "-").replace(" ", "-")
