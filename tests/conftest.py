@@ -44,5 +44,5 @@ def pytest_collection_modifyitems(config, items):
         if not torch.cuda.is_available():
             skip = pytest.mark.skip(reason="needs a CUDA device (none visible here); run benchmarks.gpu_check on one")
             for item in items:
-                if "gpu" in item.keywords:
+                if item.get_closest_marker("gpu") is not None:  # the marker, not a parameter named gpu
                     item.add_marker(skip)
