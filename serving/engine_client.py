@@ -20,8 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from serving.errors import RequestError
 
 MAX_LOGPROBS = 20  # as OpenAI: at most 20 alternatives per token
-DTYPE_NAMES = ("float32", "bfloat16", "float16")  # serving/model/dtypes.py maps them to torch dtypes
-DType = Literal["float32", "bfloat16", "float16"]
+DType = Literal["float32", "bfloat16", "float16"]  # serving/model/dtypes.py maps them to torch dtypes
 # How the native engine computes routed experts (serving/experts/kernels.py resolves "auto").
 EXPERT_KERNELS = ("auto", "loop", "vllm")
 ExpertKernel = Literal["auto", "loop", "vllm"]

@@ -70,10 +70,8 @@ class LLMEngine:
     ):
         self.config, self.tokenizer = config, tokenizer
         self.model_config = model.config
-        shapes = model.cache_shapes()
-        num_blocks = KVCache.blocks_in_budget(
-            shapes, int(config.kv_cache_mb * 2**20), config.block_size, torch_dtype(config.dtype)
-        )
+        shapes, cache_dtype = model.cache_shapes(), torch_dtype(config.dtype)
+        num_blocks = KVCache.blocks_in_budget(shapes, int(config.kv_cache_mb * 2**20), config.block_size, cache_dtype)
         if num_blocks < 1:
             raise ValueError(f"kv_cache_mb={config.kv_cache_mb} holds no block of {config.block_size} tokens")
         # The context limit: the model's, the config's, and what the whole KV cache can hold for one request.
@@ -83,7 +81,7 @@ class LLMEngine:
             num_blocks * config.block_size,
         )
         self.allocator = BlockAllocator(num_blocks, config.block_size)
-        self.cache = KVCache(shapes, num_blocks, config.block_size, torch_dtype(config.dtype), model.device)
+        self.cache = KVCache(shapes, num_blocks, config.block_size, cache_dtype, model.device)
         self.scheduler = Scheduler(self.allocator, config.max_batched_tokens, config.max_running)
         self.metrics, self.metric_labels = metrics or NullSink(), dict(metric_labels or {"model": "model"})
         self.routing = RoutingCounter(experts, model.config.num_experts)  # tokens per expert, for metrics
