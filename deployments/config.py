@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serving.engine_client import EngineConfig
 from serving.retrieval.chunking import DEFAULT_MAX_TOKENS, DEFAULT_OVERLAP_TOKENS
@@ -26,12 +26,31 @@ class ResourceConfig(BaseModel):
 
     num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per replica (fractions allowed).")
     memory_gb: float | None = Field(None, gt=0, description="Memory reserved per replica, GiB (optional).")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per replica, e.g. {moe_shard: 1}: the replica then runs only on nodes "
+        "that advertise them (a KubeRay worker group's rayStartParams.resources; docs/kubernetes.md).",
+    )
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_only(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, amount in v.items():
+            if name in ("CPU", "GPU", "memory", "num_cpus", "num_gpus"):
+                raise ValueError(
+                    f"resources.{name}: set CPUs with num_cpus, memory with memory_gb and GPUs with accelerator"
+                )
+            if amount <= 0:
+                raise ValueError(f"resources.{name}={amount}: must be > 0")
+        return v
 
     def ray_options(self) -> dict:
         """ray_actor_options for a CPU-only replica."""
         options: dict = {"num_cpus": self.num_cpus}
         if self.memory_gb is not None:
             options["memory"] = int(self.memory_gb * 2**30)
+        if self.resources:
+            options["resources"] = dict(self.resources)
         return options
 
 
@@ -67,6 +86,53 @@ class RetrievalConfig(BaseModel):
             )
         if self.overlap_tokens >= self.chunk_tokens:
             raise ValueError(f"retrieval.overlap_tokens={self.overlap_tokens} must be < chunk_tokens")
+        return self
+
+
+class FailoverConfig(BaseModel):
+    """What a dead or slow replica may cost, and when the cluster gives up and answers 503 (README, "Failures")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    router_wait_s: float = Field(
+        30.0,
+        gt=0,
+        description="Longest the Ingress waits for a live router to take a request (a new one, or a "
+        "stream moved off a dead router) before answering 503 with Retry-After.",
+    )
+    max_migrations: int = Field(
+        3, ge=0, description="Times one stream may be moved to another router after its router died; 0: never."
+    )
+    shard_call_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="Longest one attempt of a layer's call to a shard may take; then it is sent again "
+        "(Serve picks a live replica). A dead replica's call fails fast and is retried at once.",
+    )
+    shard_hedge_after_s: float | None = Field(
+        None,
+        gt=0,
+        description="Send a second attempt of a shard call still unanswered after this long, and take "
+        "whichever answers first (shards are stateless); null: no hedging.",
+    )
+    shard_wait_s: float = Field(
+        30.0,
+        gt=0,
+        description="Longest a layer holds for a shard that has no live replica (retrying meanwhile, "
+        "e.g. while Serve restarts it); then the step's requests fail with 503 and queued ones go on.",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FailoverConfig:
+        if self.shard_hedge_after_s is not None and self.shard_hedge_after_s >= self.shard_call_timeout_s:
+            raise ValueError(
+                f"failover.shard_hedge_after_s={self.shard_hedge_after_s} must be < shard_call_timeout_s="
+                f"{self.shard_call_timeout_s} (a hedge after the timeout would never be sent)"
+            )
+        if self.shard_call_timeout_s > self.shard_wait_s:
+            raise ValueError(
+                f"failover.shard_call_timeout_s={self.shard_call_timeout_s} must be <= shard_wait_s={self.shard_wait_s}"
+            )
         return self
 
 
@@ -121,6 +187,9 @@ class AppConfig(BaseModel):
     auth: bool = Field(False, description="Require `Authorization: Bearer <key>` on /v1 routes.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body; larger ones get 413.")
     retrieval: RetrievalConfig | None = Field(None, description="RAG: the Retriever deployment; null: no retrieval.")
+    failover: FailoverConfig = Field(
+        default_factory=FailoverConfig, description="Retries, migration and their bounds when replicas die."
+    )
 
     @model_validator(mode="after")
     def _engine_fields(self) -> AppConfig:

@@ -49,7 +49,7 @@ class NativeEngineFactory:
         from serving.experts.kernels import kernel_of
         from serving.experts.loading import load_experts
         from serving.experts.local import LocalExpertBackend
-        from serving.experts.sharded import ShardedExpertBackend
+        from serving.experts.sharded import RetryPolicy, ShardedExpertBackend
         from serving.metrics import EXPERT_KERNEL
         from serving.model.decoder import load_model
         from serving.model.device import resolve_device
@@ -67,7 +67,12 @@ class NativeEngineFactory:
             sink.record(EXPERT_KERNEL, 1, {"model": name, "kernel": kernel_of(layers)})
             experts = LocalExpertBackend(layers)
         else:  # the shards run the experts (and record their kernel)
-            experts = ShardedExpertBackend(self.placement, HandleTransport(self.shards, sink, name))
+            failover = cfg.failover
+            transport = HandleTransport(
+                self.shards, sink, name, failover.shard_call_timeout_s, failover.shard_hedge_after_s
+            )
+            policy = RetryPolicy(wait_s=failover.shard_wait_s)
+            experts = ShardedExpertBackend(self.placement, transport, policy, sink, name)
         labels = {"model": name, "replica": replica}
         engine = LLMEngine(model, experts, Tokenizer(cfg.model), cfg.engine_config, metrics=sink, metric_labels=labels)
         return AsyncEngine(engine, name="router")
@@ -99,10 +104,15 @@ class EngineReplica:
         return {"max_model_len": self.engine.max_model_len}
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        resumed_ids: list[int] | tuple[int, ...] = (),
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs (a Serve streaming method: call with handle.options(stream=True))."""
-        async with aclosing(self.engine.generate(prompt_ids, params, request_id)) as stream:
+        """Stream a request's outputs (a Serve streaming method: call with handle.options(stream=True)).
+        `resumed_ids`: the tokens a dead replica already streamed for it (the Ingress migrates it here)."""
+        async with aclosing(self.engine.generate(prompt_ids, params, request_id, resumed_ids)) as stream:
             async for out in stream:  # cancelled by the caller: closing the stream aborts the request
                 yield out
 

@@ -3,14 +3,16 @@ vLLM engine) and, when retrieval is on, to the Retriever."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 
 from ray import serve
-from ray.exceptions import RayTaskError
-from ray.serve.handle import DeploymentHandle
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from deployments.config import AppConfig
+from deployments.config import AppConfig, FailoverConfig
 from deployments.metrics import RaySink
 from serving.api.app import build_api, load_api_keys
 from serving.api.retrieval import Retrieval
@@ -18,20 +20,25 @@ from serving.engine_client import RequestOutput, SamplingParams
 from serving.errors import (
     EngineOverloadedError,
     EngineStoppedError,
+    EngineUnavailableError,
     RequestError,
     RetrievalUnavailableError,
     UnknownCollectionError,
 )
-from serving.metrics import HttpMetrics, MeteredClient
+from serving.metrics import MIGRATIONS, HttpMetrics, MeteredClient, MetricsSink
 from serving.retrieval.ingest import Document, IngestReport
 from serving.retrieval.store import Passage
 from serving.tokenizer import Tokenizer
 
 ROUTES = frozenset({"/v1/models", "/v1/completions", "/v1/chat/completions", "/healthz"})
 RETRIEVAL_ROUTES = frozenset({"/v1/retrieve", "/v1/documents", "/v1/collections"})
-_PASS_THROUGH = (RequestError, EngineOverloadedError, EngineStoppedError)  # engine refusals the API maps to 4xx
+# engine refusals the API maps to 4xx/503
+_PASS_THROUGH = (RequestError, EngineOverloadedError, EngineStoppedError, EngineUnavailableError)
 # the retriever's errors the API maps to 4xx/503 (ValueError: a bad document, a dimension clash)
 _RETRIEVAL_PASS_THROUGH = (RetrievalUnavailableError, UnknownCollectionError, ValueError)
+
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -46,22 +53,63 @@ def _unwrapped(kinds: tuple[type[Exception], ...]) -> Iterator[None]:
         raise
 
 
-class RouterClient:
-    """EngineClient over the Router deployment's streaming handle (Serve balances the replicas)."""
+def _replica_died(error: BaseException) -> bool:
+    """Whether `error` says the router replica serving a stream is gone (killed, crashed, its node lost).
+    A router's own exception caused by a dead shard arrives as RayTaskError(ActorDiedError): not this."""
+    return isinstance(error, ActorDiedError | ActorUnavailableError) and not isinstance(error, RayTaskError)
 
-    def __init__(self, handle: DeploymentHandle):
+
+class RouterClient:
+    """EngineClient over the Router deployment's streaming handle (Serve balances the replicas).
+
+    A router that dies while it streams costs the client nothing it can see: the request is sent again,
+    to a live router, with the tokens already streamed as `resumed_ids`; that router prefills them with
+    the prompt and continues after them (greedy and seeded sampling give what the dead one would have),
+    so the client's stream goes on with no token missing or repeated and the usage counts them once.
+    A request no router takes within `router_wait_s` (none up, or all full) fails with
+    EngineUnavailableError (503 with Retry-After), as does one moved more than `max_migrations` times.
+    """
+
+    def __init__(self, handle: DeploymentHandle, failover: FailoverConfig, metrics: MetricsSink, model: str = "model"):
         self.handle = handle.options(stream=True)
+        self.failover, self.metrics, self.labels = failover, metrics, {"model": model}
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        stream = self.handle.generate.remote(prompt_ids, params, request_id)
+        sent: list[int] = []  # output tokens the client has been given
+        for attempt in range(self.failover.max_migrations + 1):
+            stream = self.handle.generate.remote(prompt_ids, params, request_id, list(sent))
+            try:
+                await self._assigned(stream)
+                with _unwrapped(_PASS_THROUGH):
+                    async for out in stream:
+                        sent.extend(out.new_token_ids)
+                        yield out
+                return
+            except Exception as e:
+                if not _replica_died(e):
+                    raise
+                log.warning("request %s: its router died after %d tokens (%s); moving it", request_id, len(sent), e)
+                if attempt < self.failover.max_migrations:
+                    self.metrics.record(MIGRATIONS, 1, self.labels)
+            finally:
+                stream.cancel()  # client gone or done: the router aborts the request and frees its cache
+        raise EngineUnavailableError(
+            f"request {request_id}: its router died {self.failover.max_migrations + 1} times "
+            f"(failover.max_migrations={self.failover.max_migrations}); retry later"
+        )
+
+    async def _assigned(self, stream: DeploymentResponseGenerator) -> None:
+        """Wait until a router replica has taken the call, at most router_wait_s (Serve would wait forever
+        for a deployment with no live replica)."""
         try:
-            with _unwrapped(_PASS_THROUGH):
-                async for out in stream:
-                    yield out
-        finally:
-            stream.cancel()  # client gone or done: the router aborts the request and frees its cache
+            await asyncio.wait_for(stream._to_object_ref_gen(), self.failover.router_wait_s)
+        except TimeoutError:
+            raise EngineUnavailableError(
+                f"no router replica took the request within failover.router_wait_s={self.failover.router_wait_s:g} "
+                "s (none is up, or all are full); retry later"
+            ) from None
 
 
 class RetrieverHandleClient:
@@ -72,8 +120,14 @@ class RetrieverHandleClient:
 
     @staticmethod
     async def _call(response):
-        with _unwrapped(_RETRIEVAL_PASS_THROUGH):
-            return await response
+        try:
+            with _unwrapped(_RETRIEVAL_PASS_THROUGH):
+                return await response
+        except Exception as e:
+            if _replica_died(e):  # Serve restarts it; meanwhile RAG answers without context (or 503 if required)
+                died = f"the Retriever replica died ({type(e).__name__}); retry later"
+                raise RetrievalUnavailableError(died) from None
+            raise
 
     async def retrieve(
         self, query: str, top_k: int, collection: str | None = None, sources: Sequence[str] | None = None
@@ -110,7 +164,7 @@ class Ingress:
                 client, cfg.retrieval.collection, timeout_s=cfg.retrieval.timeout_s, metrics=sink, model=cfg.model_name
             )
         api = build_api(
-            MeteredClient(RouterClient(router), sink, cfg.model_name),
+            MeteredClient(RouterClient(router, cfg.failover, sink, cfg.model_name), sink, cfg.model_name),
             Tokenizer(cfg.model),
             cfg.model_name,
             api_keys=keys,

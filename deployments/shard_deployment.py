@@ -57,6 +57,10 @@ class ExpertShard:
         # Host -> device on arrival, device -> host for the reply (Serve pickles it back to the router).
         return run_shard_call(self.layers, layer, call.to(self.device)).cpu()
 
+    def ping(self) -> bool:
+        """A replica is up (the transport's probe of a shard that failed)."""
+        return True
+
     def info(self) -> dict:
         return {
             "shard_id": self.shard_id,

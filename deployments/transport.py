@@ -3,41 +3,142 @@
 Called from the engine thread of a Router replica (not its event loop): every call of a layer is sent
 with `.remote()` first, then results are taken as they complete, so shards work concurrently and each
 call's dispatch latency (send to result) is its own, not the longest of the calls before it.
+
+What a dead or slow replica costs here (the backend, serving/experts/sharded.py, retries what fails):
+- a call whose replica dies fails fast (ActorDiedError) and is reported as ShardFailure("gone"); Serve
+  stops choosing that replica, so the retry goes to a live one;
+- a call still unanswered after `hedge_after_s` gets a second attempt (Serve picks the replica, the less
+  busy one if it can tell), and the first answer wins;
+- a call no replica took (the shard has none up) or none answered within `call_timeout_s` is
+  ShardFailure("timeout").
+An exception the shard's own code raised is not retried: it propagates and fails the step.
+`probe(shard)` asks a shard that failed whether a replica answers again (ExpertShard.ping), off the hot path.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 from torch import Tensor
 
-from serving.experts.sharded import ShardCall
-from serving.metrics import DISPATCH, MetricsSink, NullSink
+from serving.experts.sharded import ShardCall, ShardFailure
+from serving.metrics import DISPATCH, SHARD_HEDGES, SHARD_TIMEOUTS, MetricsSink, NullSink
+
+
+@dataclass
+class _Call:
+    """One shard's call of a layer: its attempts (object refs) and when it was first sent."""
+
+    shard: int
+    call: ShardCall  # on the host, ready to send again
+    sent_at: float
+    refs: list = field(default_factory=list)
+    hedged: bool = False
 
 
 class HandleTransport:
-    def __init__(self, handles: list[DeploymentHandle], metrics: MetricsSink | None = None, model: str = "model"):
+    def __init__(
+        self,
+        handles: list[DeploymentHandle],
+        metrics: MetricsSink | None = None,
+        model: str = "model",
+        call_timeout_s: float = 5.0,
+        hedge_after_s: float | None = None,
+    ):
         self.handles = handles  # shard id -> handle of ExpertShard-<id>
         self.metrics, self.model = metrics or NullSink(), model
+        self.call_timeout_s, self.hedge_after_s = call_timeout_s, hedge_after_s
 
-    def run(self, layer: int, calls: dict[int, ShardCall]) -> dict[int, Tensor]:
+    def run(self, layer: int, calls: dict[int, ShardCall]) -> dict[int, Tensor | ShardFailure]:
         # Device -> host before sending (Serve pickles the call; a CUDA tensor would not unpickle on another
         # node), one copy per shard call; each ExpertShard moves the rows to its own device on arrival.
-        sent = {
-            shard: (time.perf_counter(), self.handles[shard].run.remote(layer, call.to("cpu")))
-            for shard, call in calls.items()
-        }
-        # As object refs, so ray.wait hands back whichever call finishes first (Serve's documented escape
-        # hatch from a DeploymentResponse to its ObjectRef; it returns once a replica has been chosen).
-        shard_of = {response._to_object_ref_sync(): shard for shard, (_, response) in sent.items()}
-        results, pending = {}, list(shard_of)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            now = time.perf_counter()
+        now = time.perf_counter()
+        open_calls = {shard: _Call(shard, call.to("cpu"), now) for shard, call in calls.items()}
+        responses = {shard: self.handles[shard].run.remote(layer, c.call) for shard, c in open_calls.items()}
+        results: dict[int, Tensor | ShardFailure] = {}
+        owner: dict = {}  # object ref -> its _Call
+        for shard, response in responses.items():
+            self._track(open_calls[shard], response, owner, results)
+        while open_calls.keys() - results.keys():
+            timeout = self._next_deadline(open_calls, results) - time.perf_counter()
+            done, _ = ray.wait(list(owner), num_returns=1, timeout=max(0.0, timeout))
             for ref in done:
-                shard = shard_of[ref]
-                results[shard] = ray.get(ref)  # a replica's error surfaces here as RayTaskError, as before
-                self.metrics.record(DISPATCH, now - sent[shard][0], {"model": self.model, "shard": str(shard)})
+                self._collect(ref, owner, results)
+            self._hedge_or_expire(layer, open_calls, owner, results)
         return results
+
+    def probe(self, shard: int, timeout_s: float) -> bool:
+        """Whether a replica of `shard` answers a ping within `timeout_s`."""
+        try:
+            ray.get(self.handles[shard].ping.remote()._to_object_ref_sync(_timeout_s=timeout_s), timeout=timeout_s)
+            return True
+        except (TimeoutError, ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+            return False
+
+    def _track(self, c: _Call, response, owner: dict, results: dict) -> None:
+        """Turn a sent response into an object ref to wait on (Serve's documented escape hatch from a
+        DeploymentResponse to its ObjectRef; it returns once a replica has taken the call: at once where
+        one is up, a little later on a new handle, which learns the replicas from Serve's controller)."""
+        budget = c.sent_at + self.call_timeout_s - time.perf_counter()
+        try:
+            ref = response._to_object_ref_sync(_timeout_s=max(budget, 0.001))
+        except TimeoutError:
+            response.cancel()
+            if not c.refs:  # a hedge that found no replica leaves the first attempt running
+                self.metrics.record(SHARD_TIMEOUTS, 1, {"model": self.model, "shard": str(c.shard)})
+                detail = f"no replica took it in {self.call_timeout_s:g} s"
+                results.setdefault(c.shard, ShardFailure("timeout", detail))
+            return
+        c.refs.append(ref)
+        owner[ref] = c
+
+    def _collect(self, ref, owner: dict, results: dict) -> None:
+        c = owner.pop(ref)
+        c.refs.remove(ref)
+        if c.shard in results and not isinstance(results[c.shard], ShardFailure):
+            return  # the other attempt answered first
+        try:
+            value = ray.get(ref)
+        except (ActorDiedError, ActorUnavailableError) as e:
+            if isinstance(e, RayTaskError):  # the shard's own code failed: not a replica loss
+                raise
+            if not c.refs:  # no other attempt of this call is still running
+                results[c.shard] = ShardFailure("gone", type(e).__name__)
+            return
+        results[c.shard] = value  # a shard's own error surfaces above as RayTaskError, and fails the step
+        for other in c.refs:  # a hedge that lost: its answer is not needed
+            owner.pop(other, None)
+        c.refs.clear()
+        self.metrics.record(DISPATCH, time.perf_counter() - c.sent_at, {"model": self.model, "shard": str(c.shard)})
+
+    def _next_deadline(self, open_calls: dict[int, _Call], results: dict) -> float:
+        """The earliest moment a still-open call needs a hedge or times out."""
+        times = []
+        for shard, c in open_calls.items():
+            if shard in results:
+                continue
+            times.append(c.sent_at + self.call_timeout_s)
+            if self.hedge_after_s is not None and not c.hedged:
+                times.append(c.sent_at + self.hedge_after_s)
+        return min(times)
+
+    def _hedge_or_expire(self, layer: int, open_calls: dict[int, _Call], owner: dict, results: dict) -> None:
+        now = time.perf_counter()
+        for shard, c in open_calls.items():
+            if shard in results:
+                continue
+            labels = {"model": self.model, "shard": str(shard)}
+            if now >= c.sent_at + self.call_timeout_s:
+                self.metrics.record(SHARD_TIMEOUTS, 1, labels)
+                for ref in c.refs:
+                    owner.pop(ref, None)
+                c.refs.clear()
+                results[shard] = ShardFailure("timeout", f"no answer in {self.call_timeout_s:g} s")
+            elif self.hedge_after_s is not None and not c.hedged and now >= c.sent_at + self.hedge_after_s:
+                c.hedged = True
+                self.metrics.record(SHARD_HEDGES, 1, labels)
+                self._track(c, self.handles[shard].run.remote(layer, c.call), owner, results)

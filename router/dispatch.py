@@ -89,22 +89,25 @@ def check_expert_map(expert_to_shard: Tensor, num_shards: int) -> None:
         raise ValueError(f"expert_to_shard values must be in 0..{num_shards - 1}, got {low}..{high}")
 
 
-def split_by_shard(assignments: Assignments, expert_to_shard: Tensor, num_shards: int) -> list[ShardBatch | None]:
+def split_by_shard(
+    assignments: Assignments, expert_to_shard: Tensor, num_shards: int, num_rows: int | None = None
+) -> list[ShardBatch | None]:
     """Split assignments into one batch per shard; ``None`` for a shard with no rows (do not call it).
 
     expert_to_shard: [E] int64, the shard that holds each expert (checked once by check_expert_map;
-    the gate only picks ids in 0..E-1). A token routed to two experts of the same shard is sent to that
-    shard once. Two host syncs whatever the number of shards: unique's result size, and the counts
-    that cut the flat results into per-shard pieces.
+    the gate only picks ids in 0..E-1). num_rows: a bound on the token rows (T); the default, A, holds for
+    what ``flatten`` gives, not for a subset of it (assignments sent again after a failure). A token
+    routed to two experts of the same shard is sent to that shard once. Two host syncs whatever the
+    number of shards: unique's result size, and the counts that cut the flat results into per-shard pieces.
     """
-    a = assignments.experts.numel()
-    if a == 0:
+    if assignments.experts.numel() == 0:
         return [None] * num_shards
+    a = max(assignments.experts.numel(), num_rows or 0)  # > every row index
     shard_of = expert_to_shard.to(assignments.experts.device)[assignments.experts]  # [A]
     order = torch.sort(shard_of, stable=True).indices  # [A] grouped by shard, original order inside
     # One key per (shard, row): unique(sorted) lists each shard's rows in batch order, shard after shard,
     # and `inverse` maps every assignment to its row's place in that list.
-    keys = shard_of[order] * a + assignments.rows[order]  # [A]; rows < A, so keys never collide
+    keys = shard_of[order] * a + assignments.rows[order]  # [A]; rows < a, so keys never collide
     unique_keys, inverse = torch.unique(keys, sorted=True, return_inverse=True)  # [U], [A]
     ones = torch.ones_like(unique_keys)
     rows_per_shard = torch.zeros(num_shards, dtype=torch.long, device=keys.device).index_add_(

@@ -126,6 +126,14 @@ def check_request(prompt_ids: list[int], params: SamplingParams, vocab_size: int
         )
 
 
+def check_resumed(resumed_ids: list[int], params: SamplingParams, vocab_size: int) -> None:
+    """Raise RequestError unless `resumed_ids` (output tokens a migrated request already has) can be resumed."""
+    if len(resumed_ids) >= params.max_tokens:
+        raise RequestError(f"resumed_ids: {len(resumed_ids)} tokens leave nothing of max_tokens={params.max_tokens}")
+    if bad := [t for t in resumed_ids if not 0 <= t < vocab_size]:
+        raise RequestError(f"resumed_ids: token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+
+
 class EngineClient(Protocol):
     """What the API needs from an engine. `generate` raises RequestError or EngineOverloadedError before
     its first output when it refuses a request; closing the iterator (`aclose()`) before the last output
@@ -138,7 +146,19 @@ class EngineClient(Protocol):
 
 class ServedEngine(EngineClient, Protocol):
     """An engine a replica serves (deployments/engine_deployment.py): an EngineClient that also says its
-    context limit, whether it still runs, and how to stop it. AsyncEngine and AsyncVLLMEngine are two."""
+    context limit, whether it still runs, and how to stop it. AsyncEngine and AsyncVLLMEngine are two.
+
+    Its `generate` also takes `resumed_ids`: output tokens the request already produced on a replica that
+    died (the Ingress migrates the stream). The engine continues after them, counts them in the usage and
+    toward max_tokens, and does not output them again."""
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        resumed_ids: list[int] | tuple[int, ...] = (),
+    ) -> AsyncIterator[RequestOutput]: ...
 
     @property
     def max_model_len(self) -> int: ...

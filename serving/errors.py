@@ -31,3 +31,17 @@ class RetrievalUnavailableError(RuntimeError):
 
 class UnknownCollectionError(LookupError):
     """A collection that does not exist; the message names it and the ones that do (HTTP 404)."""
+
+
+class EngineUnavailableError(RuntimeError):
+    """No replica can take the request now: no router is up, or an expert shard stayed unreachable past its
+    bound; the message names which. The caller should retry later (HTTP 503 with Retry-After)."""
+
+
+class StepFailedError(RuntimeError):
+    """An engine step failed: its requests (`request_ids`) are aborted and fail with `cause`; requests
+    that were not in the step go on."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException):
+        super().__init__(f"an engine step with {len(request_ids)} requests failed: {cause}")
+        self.request_ids, self.cause = list(request_ids), cause

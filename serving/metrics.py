@@ -9,6 +9,9 @@ route, status, shard, layer, expert, kernel), never a request id. What measures 
     tokens per expert         RoutingCounter (serving/experts/routing_counter.py), the gate's choices
     expert kernel             each replica holding experts, once at start (shard, or router with shards: 0)
     dispatch per shard        the shard transport (deployments/transport.py)
+    shard retries, hedges,    the sharded expert backend (serving/experts/sharded.py) and the transport:
+      timeouts, failovers       what a dead or slow shard replica cost
+    request migrations        the Ingress's router client (deployments/ingress.py): streams moved off a dead router
     retrieval latency, errors the API's retrieval calls (serving/api/retrieval.py), hop to the Retriever included
 
 The definitions follow vLLM's serving benchmark: TTFT is the time from receiving the request to its
@@ -66,6 +69,16 @@ EXPERT_KERNEL = Metric("moe_expert_kernel_info", "gauge", "1 for the expert kern
                        "a replica holding experts runs.", labels=("model", "kernel"))  # fmt: skip
 DISPATCH = Metric("moe_dispatch_seconds", "histogram", "One MoE layer's call to one shard, send to result.",
                   labels=("model", "shard"), buckets=STEP_BUCKETS)  # fmt: skip
+SHARD_RETRIES = Metric("moe_shard_retries_total", "counter", "Shard calls sent again after an attempt failed "
+                       "(replica died or unreachable, or timed out).", labels=("model", "shard"))  # fmt: skip
+SHARD_TIMEOUTS = Metric("moe_shard_timeouts_total", "counter", "Shard call attempts that passed "
+                        "shard_call_timeout_s.", labels=("model", "shard"))  # fmt: skip
+SHARD_HEDGES = Metric("moe_shard_hedges_total", "counter", "Second attempts sent because a shard call was slow "
+                      "(shard_hedge_after_s).", labels=("model", "shard"))  # fmt: skip
+SHARD_FAILOVERS = Metric("moe_shard_failovers_total", "counter", "Rows of replicated experts sent to another "
+                         "holder because this shard failed.", labels=("model", "shard"))  # fmt: skip
+MIGRATIONS = Metric("moe_request_migrations_total", "counter", "Streams re-submitted to a live router after "
+                    "theirs died.")  # fmt: skip
 HTTP_REQUESTS = Metric("moe_http_requests_total", "counter", "HTTP requests by route and status code.",
                        labels=("model", "route", "status"))  # fmt: skip
 RETRIEVAL = Metric("moe_retrieval_seconds", "histogram", "One search: embed the query and search Qdrant, as the "
@@ -75,7 +88,8 @@ RETRIEVAL_ERRORS = Metric("moe_retrieval_errors_total", "counter", "Searches tha
                           labels=("model", "reason"))  # fmt: skip
 
 ALL = (TTFT, ITL, E2E, QUEUE, PROMPT_TOKENS, GENERATED_TOKENS, RUNNING, WAITING, KV_USAGE, STEP, BATCH,
-       EXPERT_TOKENS, EXPERT_KERNEL, DISPATCH, HTTP_REQUESTS, RETRIEVAL, RETRIEVAL_ERRORS)  # fmt: skip
+       EXPERT_TOKENS, EXPERT_KERNEL, DISPATCH, SHARD_RETRIES, SHARD_TIMEOUTS, SHARD_HEDGES, SHARD_FAILOVERS,
+       MIGRATIONS, HTTP_REQUESTS, RETRIEVAL, RETRIEVAL_ERRORS)  # fmt: skip
 
 
 class MetricsSink(Protocol):

@@ -12,7 +12,7 @@ What maps to what:
 - VLLMOptions (vLLM only): tensor_parallel_size, enable_expert_parallel, enforce_eager.
 - SamplingParams: one for one; top_k None is vLLM's 0 ("off"); outputs are DELTA (only what is new).
   Logprobs are of the raw distribution (vLLM's default logprobs_mode), as ours.
-- Requests are checked by `serving.engine.llm_engine.check_request` before vLLM sees them, so a refusal gives the
+- Requests are checked by `serving.engine_client.check_request` before vLLM sees them, so a refusal gives the
   same RequestError (and the same HTTP 400) as the native engine.
 
 vLLM is imported only when an engine is built: the base install does not need it, and building one
@@ -26,11 +26,19 @@ import importlib.util
 import itertools
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.engine_client import EngineConfig, RequestOutput, SamplingParams, TokenLogprobs, check_request
+from serving.engine_client import (
+    EngineConfig,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprobs,
+    check_request,
+    check_resumed,
+)
 from serving.errors import ConfigError, EngineOverloadedError, EngineStoppedError, RequestError
 from serving.metrics import (
     GENERATED_TOKENS,
@@ -149,20 +157,32 @@ class AsyncVLLMEngine:
         self._ids = itertools.count()
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        resumed_ids: list[int] | tuple[int, ...] = (),
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs. Raises RequestError / EngineOverloadedError / EngineStoppedError
-        before the first output if the request is refused; closing the iterator aborts the request."""
+        before the first output if the request is refused; closing the iterator aborts the request.
+
+        `resumed_ids` (a migrated stream) go to vLLM as more prompt, with max_tokens cut by their number.
+        Greedy output continues exactly; what differs from our engine's resume: vLLM detokenises the new
+        tokens with the resumed ones as context but cannot see a stop string that starts in them, and a
+        seeded request draws from a fresh stream (vLLM's generator cannot start at a position)."""
         from vllm.exceptions import GracefulHTTPError, VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError
 
         check_request(prompt_ids, params, self.vocab_size, self.max_model_len)
+        resumed = list(resumed_ids)
+        if resumed:
+            check_resumed(resumed, params, self.vocab_size)
         if self.llm.errored:
             raise EngineStoppedError("the vLLM engine has stopped")
-        vllm_params = to_vllm_params(params)
+        vllm_params = to_vllm_params(replace(params, max_tokens=params.max_tokens - len(resumed)))
         request_id = request_id or f"vreq-{next(self._ids)}"
-        num_output = 0
-        stream = self.llm.generate({"prompt_token_ids": list(prompt_ids)}, vllm_params, request_id)
+        num_output = len(resumed)
+        stream = self.llm.generate({"prompt_token_ids": list(prompt_ids) + resumed}, vllm_params, request_id)
         async with aclosing(stream):  # leaving early closes vLLM's generator, which aborts the request
             try:
                 async for out in stream:

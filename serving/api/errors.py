@@ -16,6 +16,7 @@ field, never a 500, and the app keeps serving.
 | 413 | body over max_body_bytes (Content-Length or bytes actually sent) | invalid_request_error / request_too_large |
 | 429 | engine queue full (EngineOverloadedError); has Retry-After | rate_limit_error / engine_overloaded |
 | 503 | engine shut down or shutting down (EngineStoppedError); has Retry-After | server_error / engine_stopped |
+| 503 | no router up, or a shard down past its bound (EngineUnavailableError); has Retry-After | engine_unavailable |
 | 503 | vector store unreachable or slow (RetrievalUnavailableError); has Retry-After | retrieval_unavailable |
 | 500 | a bug: logged, generic message | server_error |
 """
@@ -38,6 +39,7 @@ from serving.api.requests import ErrorInfo, ErrorResponse
 from serving.errors import (
     EngineOverloadedError,
     EngineStoppedError,
+    EngineUnavailableError,
     RequestError,
     RetrievalUnavailableError,
     UnknownCollectionError,
@@ -84,6 +86,9 @@ def as_api_error(exc: Exception) -> APIError:
     if isinstance(exc, EngineStoppedError):
         headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
         return APIError(503, str(exc), type="server_error", code="engine_stopped", headers=headers)
+    if isinstance(exc, EngineUnavailableError):
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        return APIError(503, str(exc), type="server_error", code="engine_unavailable", headers=headers)
     if isinstance(exc, RetrievalUnavailableError):
         headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
         return APIError(503, str(exc), type="server_error", code="retrieval_unavailable", headers=headers)
@@ -151,6 +156,7 @@ def install_error_handlers(app: FastAPI) -> None:
         RequestError,
         EngineOverloadedError,
         EngineStoppedError,
+        EngineUnavailableError,
         RetrievalUnavailableError,
         UnknownCollectionError,
     ):

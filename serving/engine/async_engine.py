@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from serving.engine.llm_engine import LLMEngine
 from serving.engine_client import RequestOutput, SamplingParams
-from serving.errors import EngineOverloadedError, EngineStoppedError, RequestError
+from serving.errors import EngineOverloadedError, EngineStoppedError, RequestError, StepFailedError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class _Add:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    resumed_ids: list[int]
     stream: _Stream
     accepted: asyncio.Future
 
@@ -52,17 +53,21 @@ class AsyncEngine:
         self._thread.start()
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        resumed_ids: list[int] | tuple[int, ...] = (),
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs until it finishes. Raises RequestError / EngineOverloadedError
-        before the first output if the request is refused."""
+        before the first output if the request is refused. `resumed_ids`: see LLMEngine.add_request."""
         if not self.alive:
             raise EngineStoppedError("the engine has shut down")
         loop = asyncio.get_running_loop()
         request_id = request_id or f"areq-{next(self._ids)}"
         stream = _Stream(loop, asyncio.Queue())
         accepted = loop.create_future()
-        self._commands.put(_Add(request_id, list(prompt_ids), params, stream, accepted))
+        self._commands.put(_Add(request_id, list(prompt_ids), params, list(resumed_ids), stream, accepted))
         finished = False
         try:
             try:
@@ -115,7 +120,11 @@ class AsyncEngine:
             if self.engine.has_unfinished():
                 try:
                     outputs = self.engine.step()
-                except Exception as e:  # a failed step fails its requests, not the engine
+                except StepFailedError as e:  # a failed step fails its own requests, not the queued ones
+                    log.error("engine step failed: %s", e, exc_info=e.cause)
+                    self._fail(e.request_ids, e.cause)
+                    continue
+                except Exception as e:  # a failure outside the model run: nothing says which requests
                     log.exception("engine step failed")
                     self._fail_all(e)
                     continue
@@ -125,7 +134,7 @@ class AsyncEngine:
     def _handle(self, cmd) -> None:
         if isinstance(cmd, _Add):
             try:
-                self.engine.add_request(cmd.prompt_ids, cmd.params, cmd.request_id)
+                self.engine.add_request(cmd.prompt_ids, cmd.params, cmd.request_id, cmd.resumed_ids)
             except Exception as e:
                 _post(cmd.stream.loop, _set_exception, cmd.accepted, e)
                 return
@@ -148,11 +157,14 @@ class AsyncEngine:
             self._streams.pop(out.request_id, None)
             self.engine.abort(out.request_id)
 
-    def _fail_all(self, error: BaseException) -> None:
-        for request_id, stream in list(self._streams.items()):
+    def _fail(self, request_ids: list[str], error: BaseException) -> None:
+        for request_id in request_ids:
             self.engine.abort(request_id)
-            _post(stream.loop, stream.outputs.put_nowait, error)
-        self._streams.clear()
+            if (stream := self._streams.pop(request_id, None)) is not None:
+                _post(stream.loop, stream.outputs.put_nowait, error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        self._fail(list(self._streams), error)
 
 
 def _post(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:

@@ -19,12 +19,19 @@ import torch
 
 from serving.engine.kv_cache import BlockAllocator, KVCache
 from serving.engine.model_runner import ModelRunner
-from serving.engine.sampler import make_generator, sample, token_logprobs
+from serving.engine.sampler import make_generator, sample, seed_for_position, token_logprobs
 from serving.engine.scheduler import Scheduler
 from serving.engine.sequence import Sequence, Status
 from serving.engine.stops import StopChecker
-from serving.engine_client import EngineConfig, RequestOutput, SamplingParams, TokenLogprobs, check_request
-from serving.errors import EngineOverloadedError, RequestError
+from serving.engine_client import (
+    EngineConfig,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprobs,
+    check_request,
+    check_resumed,
+)
+from serving.errors import EngineOverloadedError, RequestError, StepFailedError
 from serving.experts.backend import ExpertBackend
 from serving.experts.routing_counter import RoutingCounter
 from serving.metrics import (
@@ -105,8 +112,21 @@ class LLMEngine:
         """Raise RequestError if this request can never be served (before it takes a queue place)."""
         check_request(prompt_ids, params, self.model_config.vocab_size, self.max_model_len)
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+    def add_request(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        resumed_ids: list[int] | tuple[int, ...] = (),
+    ) -> str:
+        """Queue a request; returns its id. `resumed_ids`: output tokens it already produced on another
+        replica (a migrated stream, deployments/ingress.py). They are prefilled with the prompt, count
+        toward max_tokens and the usage, pass through the stop checker (a stop string may span them and
+        the new tokens), and are not output again."""
         self.check_request(prompt_ids, params)
+        resumed = list(resumed_ids)
+        if resumed:
+            check_resumed(resumed, params, self.model_config.vocab_size)
         if self.num_waiting >= self.config.max_waiting:
             raise EngineOverloadedError(
                 f"{self.num_waiting} requests are waiting (max_waiting={self.config.max_waiting}); retry later"
@@ -115,8 +135,12 @@ class LLMEngine:
         if request_id in self._seqs:
             raise RequestError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, list(prompt_ids), params, make_generator(params.seed), time.perf_counter())
+        seq.token_ids += resumed
+        stops = StopChecker(self.tokenizer, params.stop)
+        for token in resumed:  # the text they give was sent by the replica that generated them
+            stops.append(token)
         self._seqs[request_id] = seq
-        self._stops[request_id] = StopChecker(self.tokenizer, params.stop)
+        self._stops[request_id] = stops
         self.scheduler.add(seq)
         return request_id
 
@@ -154,7 +178,13 @@ class LLMEngine:
             if not chunk.seq.scheduled:
                 chunk.seq.scheduled = True
                 self._record(QUEUE, start - chunk.seq.arrival_time)
-        logits = self.runner.run(chunks)  # {seq: [V] float32} for sequences whose prompt is done
+        try:
+            logits = self.runner.run(chunks)  # {seq: [V] float32} for sequences whose prompt is done
+        except Exception as e:  # the step's requests fail (their cache is freed); queued ones stay queued
+            failed = [chunk.seq.request_id for chunk in chunks]
+            for request_id in failed:
+                self.abort(request_id)
+            raise StepFailedError(failed, e) from e
         outputs = []
         for chunk in chunks:
             seq = chunk.seq
@@ -181,6 +211,8 @@ class LLMEngine:
 
     def _append_token(self, seq: Sequence, logits: torch.Tensor) -> RequestOutput:
         params = seq.params
+        if params.seed is not None:
+            seed_for_position(seq.generator, params.seed, len(seq.output_ids))
         token = sample(logits, params, seq.generator)
         seq.token_ids.append(token)
         new_logprobs = []

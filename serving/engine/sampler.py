@@ -22,6 +22,13 @@ def make_generator(seed: int | None) -> torch.Generator:
     return gen
 
 
+def seed_for_position(generator: torch.Generator, seed: int, position: int) -> None:
+    """Reseed a seeded request's stream for its `position`-th output token. The draw for a token then
+    depends on (seed, position) only, not on the draws before it, so a request resumed on another
+    replica with its first `position` tokens given (a migrated stream) samples what it would have."""
+    generator.manual_seed((seed * 1_000_003 + position) % 2**63)
+
+
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """Pick the next token from one row of float32 logits [V]."""
     if params.greedy:

@@ -1,25 +1,38 @@
 """Routed experts held by shards, reached through a transport: the remote side of the ExpertBackend seam.
 
-Shape legend: T = tokens in the step, D = hidden, K = experts per token,
+Shape legend: T = tokens in the step, D = hidden, K = experts per token, E = routed experts,
 R_s = token rows sent to shard s, A_s = (row, expert) assignments of shard s.
 
 Per MoE layer and engine step this makes at most one call per shard, carrying every row routed to
 that shard by every request in the step, and no call to a shard that got no rows. All calls go out
 before any result is awaited, so shards compute concurrently. Each shard returns its weighted partial
 sums; they are added up here in shard order (a fixed order, so results do not depend on timing).
+
+Failures cost a retry, not a request. A call the transport reports failed (its replica died, none was
+up, or it timed out) is sent again: rows of a replicated expert go to another live holder at once, the
+rest to the same shard (Serve picks a live replica of it), pausing between tries while no replica is up.
+A layer that still misses a shard after `wait_s` raises EngineUnavailableError: the step's requests fail
+with 503 and the engine goes on. Replicated experts are served by their least-loaded live holder in the
+step (router/balance.py); a shard that failed is avoided for them until a call to it succeeds or a probe
+in the background (`transport.probe`) finds a replica up again, so they never wait for it.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
 
-from router.dispatch import check_expert_map, combine, flatten, split_by_shard
+from router.balance import least_loaded_holders
+from router.dispatch import Assignments, ShardBatch, check_expert_map, combine, flatten, split_by_shard
 from router.placement import Placement
+from serving.errors import EngineUnavailableError
 from serving.experts.backend import LayerExperts
+from serving.metrics import SHARD_FAILOVERS, SHARD_RETRIES, MetricsSink, NullSink
 
 
 @dataclass(frozen=True)
@@ -36,10 +49,32 @@ class ShardCall:
         return ShardCall(*(t.to(device) for t in (self.hidden, self.local_rows, self.experts, self.weights)))
 
 
-class ShardTransport(Protocol):
-    """Sends every call of one layer and returns each shard's partial sums [R_s, D]."""
+@dataclass(frozen=True)
+class ShardFailure:
+    """A shard call that gave no result: its replica died or was unreachable, no replica took it, or it
+    timed out. The backend tries again; an error the shard itself raised is not a ShardFailure."""
 
-    def run(self, layer: int, calls: dict[int, ShardCall]) -> dict[int, Tensor]: ...
+    reason: Literal["gone", "unavailable", "timeout"]
+    detail: str = ""
+
+
+class ShardTransport(Protocol):
+    """Sends every call of one layer; returns each shard's partial sums [R_s, D], or a ShardFailure."""
+
+    def run(self, layer: int, calls: dict[int, ShardCall]) -> dict[int, Tensor | ShardFailure]: ...
+
+    def probe(self, shard: int, timeout_s: float) -> bool:
+        """Whether a replica of `shard` answers now (asked from a background thread)."""
+        ...
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long a layer keeps trying a failed shard (failover.shard_wait_s in the app config)."""
+
+    wait_s: float = 30.0  # longest a layer holds for a shard with no live replica, from its first failure
+    pause_s: float = 0.05  # first pause between tries of a shard none of whose rows could move; doubles
+    max_pause_s: float = 1.0  # also the pause between background probes of a failed shard
 
 
 class ShardedExpertBackend:
@@ -49,25 +84,122 @@ class ShardedExpertBackend:
     >>> out = backend(layer, hidden, weights, ids)  # same numbers as LocalExpertBackend
     """
 
-    def __init__(self, placement: Placement, transport: ShardTransport):
-        self.placement, self.transport = placement, transport
-        self.expert_to_shard = placement.expert_to_shard()  # [E]
+    def __init__(
+        self,
+        placement: Placement,
+        transport: ShardTransport,
+        policy: RetryPolicy | None = None,
+        metrics: MetricsSink | None = None,
+        model: str = "model",
+    ):
+        self.placement, self.transport, self.policy = placement, transport, policy or RetryPolicy()
+        self.metrics, self.model = metrics or NullSink(), model
+        self.holders = [placement.holders(e) for e in range(placement.num_experts)]
+        self.replicated = any(len(h) > 1 for h in self.holders)
+        self.expert_to_shard = placement.expert_to_shard()  # [E] first holders: the map when nothing is replicated
         check_expert_map(self.expert_to_shard, placement.num_shards)  # once, not per call
+        self.failed: set[int] = set()  # shards replicated experts keep off until they answer again
+        self._probing: set[int] = set()
+        self._lock = threading.Lock()  # `failed` is shared with the probe threads
 
     def __call__(self, layer: int, hidden: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
         if self.expert_to_shard.device != ids.device:  # once: the map lives where the gate's ids are
             self.expert_to_shard = self.expert_to_shard.to(ids.device)
-        batches = split_by_shard(flatten(weights, ids), self.expert_to_shard, self.placement.num_shards)
+        out = torch.zeros_like(hidden)  # [T, D]
+        pending, deadline, pause = flatten(weights, ids), None, self.policy.pause_s
+        while True:
+            batches, failed = self._send(layer, hidden, pending, out)
+            if not failed:
+                return out
+            now = time.monotonic()
+            deadline = deadline or now + self.policy.wait_s
+            if now >= deadline:
+                raise EngineUnavailableError(
+                    f"expert shard(s) {sorted(failed)} answered no call of layer {layer} for "
+                    f"failover.shard_wait_s={self.policy.wait_s:g} s ({'; '.join(failed.values())}); retry later"
+                )
+            for shard in failed:
+                self._mark_failed(shard)
+                self.metrics.record(SHARD_RETRIES, 1, {"model": self.model, "shard": str(shard)})
+            pending = _concat([_assignments(batches[shard]) for shard in sorted(failed)])
+            if self._movable(pending, failed):
+                for shard in failed:
+                    self.metrics.record(SHARD_FAILOVERS, 1, {"model": self.model, "shard": str(shard)})
+            else:  # every row waits for a shard that just failed: give Serve time to bring a replica up
+                time.sleep(min(pause, max(0.0, deadline - now)))
+                pause = min(2 * pause, self.policy.max_pause_s)
+
+    def _send(
+        self, layer: int, hidden: Tensor, assignments: Assignments, out: Tensor
+    ) -> tuple[list[ShardBatch | None], dict[int, str]]:
+        """One round: call the shards `assignments` need, add what comes back into `out` (in shard order).
+        Returns the round's batches and the failed shards with why."""
+        expert_to_shard = self._route(assignments)
+        batches = split_by_shard(assignments, expert_to_shard, self.placement.num_shards, hidden.shape[0])
         calls = {
             shard: ShardCall(hidden[b.rows], b.local_rows, b.experts, b.weights)  # [R_s, D], [A_s] x3
             for shard, b in enumerate(batches)
             if b is not None
         }
-        partials = self.transport.run(layer, calls)  # {shard: [R_s, D]}, wherever the transport delivers them
-        out = torch.zeros_like(hidden)  # [T, D]
-        for shard in sorted(partials):
-            combine(out, batches[shard].rows, partials[shard])  # moves a host result to out's device
-        return out
+        results = self.transport.run(layer, calls)  # {shard: [R_s, D] | ShardFailure}
+        failed = {}
+        for shard in sorted(results):
+            result = results[shard]
+            if isinstance(result, ShardFailure):
+                failed[shard] = f"shard {shard}: {result.reason} {result.detail}".strip()
+            else:
+                combine(out, batches[shard].rows, result)  # moves a host result to out's device
+                if self.failed:
+                    with self._lock:
+                        self.failed.discard(shard)  # it answers again
+        return batches, failed
+
+    def _route(self, assignments: Assignments) -> Tensor:
+        """[E] the shard each expert's rows go to now: its only holder, or for a replicated expert the
+        least-loaded holder not recently failed (one host sync for the per-expert counts)."""
+        if not self.replicated:
+            return self.expert_to_shard
+        with self._lock:
+            avoid = set(self.failed)
+        counts = torch.bincount(assignments.experts, minlength=self.placement.num_experts).tolist()  # host sync
+        shard_of = least_loaded_holders(counts, self.holders, avoid)
+        return torch.tensor(shard_of, dtype=torch.int64, device=assignments.experts.device)
+
+    def _mark_failed(self, shard: int) -> None:
+        """Keep replicated experts off `shard`, and probe it in the background until a replica answers."""
+        with self._lock:
+            self.failed.add(shard)
+            if not self.replicated or shard in self._probing:
+                return
+            self._probing.add(shard)
+        threading.Thread(target=self._probe, args=(shard,), name=f"probe-shard-{shard}", daemon=True).start()
+
+    def _probe(self, shard: int) -> None:
+        while True:
+            with self._lock:
+                if shard not in self.failed:  # a call to it succeeded meanwhile
+                    self._probing.discard(shard)
+                    return
+            if self.transport.probe(shard, timeout_s=self.policy.max_pause_s):
+                with self._lock:
+                    self.failed.discard(shard)
+                    self._probing.discard(shard)
+                return
+            time.sleep(self.policy.max_pause_s)
+
+    def _movable(self, pending: Assignments, failed: dict[int, str]) -> bool:
+        """Whether some of `pending` can go to a holder other than the shards that just failed."""
+        experts = set(pending.experts.unique().tolist())
+        return any(set(self.holders[e]) - set(failed) for e in experts)
+
+
+def _assignments(batch: ShardBatch) -> Assignments:
+    """A shard batch back as batch-level assignments (to send them again)."""
+    return Assignments(rows=batch.rows[batch.local_rows], experts=batch.experts, weights=batch.weights)
+
+
+def _concat(parts: list[Assignments]) -> Assignments:
+    return Assignments(*(torch.cat([getattr(p, f) for p in parts]) for f in ("rows", "experts", "weights")))
 
 
 def run_shard_call(layers: dict[int, LayerExperts], layer: int, call: ShardCall) -> Tensor:
@@ -83,3 +215,6 @@ class InProcessTransport:
 
     def run(self, layer: int, calls: dict[int, ShardCall]) -> dict[int, Tensor]:
         return {shard: run_shard_call(self.shards[shard], layer, call) for shard, call in calls.items()}
+
+    def probe(self, shard: int, timeout_s: float) -> bool:
+        return shard in self.shards

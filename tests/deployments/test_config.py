@@ -128,3 +128,22 @@ def test_banner_names_the_resolved_expert_kernel(monkeypatch, demo_dir):
     assert describe_engine(cfg(expert_kernel="auto")) == "2 expert shard(s), expert kernel loop (auto)"
     with pytest.raises(ConfigError, match="expert_kernel: vllm: vLLM is not installed"):
         describe_engine(cfg(expert_kernel="vllm"))
+
+
+def test_custom_resources_pin_replicas_to_the_nodes_that_advertise_them():
+    cfg = AppConfig.model_validate(
+        {"model": "x", "accelerator": "gpu", "shard_resources": {"num_cpus": 2, "resources": {"moe_shard": 1}}}
+    )
+    assert cfg.replica_options(cfg.shard_resources) == {"num_cpus": 2, "resources": {"moe_shard": 1}, "num_gpus": 1}
+    with pytest.raises(ValidationError, match="resources.GPU: set CPUs with num_cpus"):
+        AppConfig.model_validate({"model": "x", "router_resources": {"resources": {"GPU": 1}}})
+    with pytest.raises(ValidationError, match=r"resources.moe_shard=0.0: must be > 0"):
+        AppConfig.model_validate({"model": "x", "router_resources": {"resources": {"moe_shard": 0}}})
+
+
+def test_failover_bounds_must_be_in_order():
+    assert AppConfig.model_validate({"model": "x"}).failover.shard_wait_s == 30.0
+    with pytest.raises(ValidationError, match="shard_hedge_after_s=6.0 must be < shard_call_timeout_s=5.0"):
+        AppConfig.model_validate({"model": "x", "failover": {"shard_hedge_after_s": 6}})
+    with pytest.raises(ValidationError, match="shard_call_timeout_s=40.0 must be <= shard_wait_s=30.0"):
+        AppConfig.model_validate({"model": "x", "failover": {"shard_call_timeout_s": 40}})

@@ -320,6 +320,8 @@ def test_metrics_are_scraped_and_the_dashboard_shows_them():
     )
     shown = [metrics.TTFT, metrics.ITL, metrics.E2E, metrics.DISPATCH]  # histograms: panels use _bucket
     counted = [metrics.GENERATED_TOKENS, metrics.WAITING, metrics.KV_USAGE, metrics.EXPERT_TOKENS]
+    counted += [metrics.SHARD_RETRIES, metrics.SHARD_TIMEOUTS, metrics.SHARD_HEDGES, metrics.SHARD_FAILOVERS]
+    counted += [metrics.MIGRATIONS]
     names = [m.name + "_bucket" for m in shown] + [m.name for m in counted] + ["moe_retrieval_seconds_bucket"]
     for metric in names:
         assert f'"(ray_)?{metric}"' in exprs, f"no dashboard panel shows {metric}"

@@ -1,13 +1,15 @@
 """RAG on a real Ray cluster: the Retriever deployment with the embedded Qdrant store, ingest on first
 start, the openai client with the `retrieval` extension (whole and streamed), `moe-serve ingest --url`,
-a restart that keeps the store, and a Qdrant server that is down."""
+a restart that keeps the store, a Retriever replica killed, and a Qdrant server that is down."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import socket
 import subprocess
 import sys
+import time
 
 import httpx
 import openai
@@ -15,7 +17,9 @@ import pytest
 from ray import serve
 
 from deployments.app import build_app
+from deployments.faults import kill_replica
 from deployments.local_cluster import wait_ready
+from tests.polling import poll
 
 MODEL = "demo"
 _names = itertools.count()
@@ -106,6 +110,31 @@ def test_ingest_command_sends_files_to_the_server_and_deletes_them(rag_app, tmp_
     done = subprocess.run(cmd + ["--delete"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0 and "deleted 1 chunks" in done.stdout, done.stderr
     assert points(url)["travel"] == 0
+
+
+def test_a_killed_retriever_gives_503_or_an_answer_without_context_then_comes_back(rag_app):
+    url, name = rag_app
+    body = {"model": MODEL, "messages": [{"role": "user", "content": BEES}], "max_tokens": 3}
+    kill_replica(name, "Retriever")
+    answers = {}
+    for required in (True, False):  # right after the kill: the replica is dead or restarting
+        started = time.monotonic()
+        r = httpx.post(f"{url}/v1/chat/completions", json={**body, "retrieval": {"required": required}}, timeout=30)
+        answers[required] = (r, time.monotonic() - started)
+    (required, took), (optional, took_optional) = answers[True], answers[False]
+    assert required.status_code in (200, 503), required.text  # 200 only if Serve restarted it that fast
+    if required.status_code == 503:
+        assert required.json()["error"]["code"] == "retrieval_unavailable" and required.headers["retry-after"] == "1"
+    assert optional.status_code == 200, optional.text
+    info = optional.json()["retrieval"]
+    assert info["used"] is True or (info["used"] is False and info["error"]), info
+    assert max(took, took_optional) < 10  # bounded by retrieval.timeout_s (2 s), never a hang
+    assert asyncio.run(poll(lambda: _retrieves(url), timeout=120)), "the Retriever did not come back"
+
+
+def _retrieves(url: str) -> bool:
+    r = httpx.post(f"{url}/v1/retrieve", json={"query": BEES, "top_k": 1}, timeout=30)
+    return r.status_code == 200 and bool(r.json()["data"])
 
 
 def test_a_restart_keeps_the_store_and_does_not_ingest_again(serve_url, rag_app, rag_args, seed):

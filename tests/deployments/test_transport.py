@@ -1,14 +1,16 @@
-"""HandleTransport on the session cluster: concurrent calls, results by shard, and each call's own latency."""
+"""HandleTransport on the session cluster: concurrent calls, results by shard, each call's own latency,
+timeouts and hedged attempts."""
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import torch
 from ray import serve
 
 from deployments.transport import HandleTransport
-from serving.experts.sharded import ShardCall
+from serving.experts.sharded import ShardCall, ShardFailure
 from serving.metrics import MemorySink
 
 
@@ -22,6 +24,9 @@ class SleepyShard:
     def run(self, layer: int, call: ShardCall) -> torch.Tensor:
         time.sleep(self.delay_s)
         return call.hidden * self.factor
+
+    def ping(self) -> bool:
+        return True
 
 
 def test_each_shard_call_records_its_own_latency(serve_url):
@@ -44,3 +49,51 @@ def test_each_shard_call_records_its_own_latency(serve_url):
     finally:
         serve.delete("transport-slow")
         serve.delete("transport-fast")
+
+
+def test_a_call_past_its_timeout_is_a_timeout_failure_not_a_hang(serve_url):
+    slow = serve.run(SleepyShard.bind(3.0, 2.0), name="transport-hung", route_prefix=None)
+    try:
+        sink = MemorySink()
+        transport = HandleTransport([slow], sink, model="m", call_timeout_s=0.5)
+        call = ShardCall(torch.ones(2, 4), torch.tensor([0, 1]), torch.tensor([0, 1]), torch.ones(2))
+        assert transport.probe(0, timeout_s=30)  # the handle knows the replica: the call below is taken at once
+        started = time.perf_counter()
+        out = transport.run(0, {0: call})
+        assert time.perf_counter() - started < 1.5
+        assert isinstance(out[0], ShardFailure) and out[0].reason == "timeout", out[0]
+        assert sink.values("moe_shard_timeouts_total") == [1]
+    finally:
+        serve.delete("transport-hung")
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.1})
+class SlowFirstCall:
+    """Its first call takes 3 s (a stalled attempt), every later one answers at once."""
+
+    def __init__(self):
+        self.calls = itertools.count()
+
+    def run(self, layer: int, call: ShardCall) -> torch.Tensor:
+        if next(self.calls) == 0:
+            time.sleep(3.0)
+        return call.hidden * 2
+
+    def ping(self) -> bool:
+        return True
+
+
+def test_a_slow_attempt_is_hedged_and_the_first_answer_wins(serve_url):
+    handle = serve.run(SlowFirstCall.bind(), name="transport-hedge", route_prefix=None)
+    try:
+        sink = MemorySink()
+        transport = HandleTransport([handle], sink, model="m", call_timeout_s=5.0, hedge_after_s=0.2)
+        call = ShardCall(torch.ones(2, 4), torch.tensor([0, 1]), torch.tensor([0, 1]), torch.ones(2))
+        assert transport.probe(0, timeout_s=30)
+        started = time.perf_counter()
+        out = transport.run(0, {0: call})
+        assert time.perf_counter() - started < 2.0  # the hedge's answer, not the stalled attempt's 3 s
+        assert torch.equal(out[0], call.hidden * 2)
+        assert sink.values("moe_shard_hedges_total") == [1]
+    finally:
+        serve.delete("transport-hedge")

@@ -9,7 +9,7 @@ import pytest
 from serving.engine.async_engine import AsyncEngine
 from serving.engine.llm_engine import LLMEngine
 from serving.engine_client import EngineConfig, SamplingParams
-from serving.errors import RequestError
+from serving.errors import EngineUnavailableError, RequestError, StepFailedError
 from tests.polling import poll
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -67,3 +67,63 @@ def test_leaving_a_stream_early_aborts_and_frees_the_cache(engines):
     asyncio.run(main())
     deadline = asyncio.run(poll(lambda: engine.allocator.num_free == free and not engine.has_unfinished()))
     assert deadline, "the aborted request still holds cache blocks"
+
+
+class FailingOnce:
+    """An ExpertBackend whose first call fails as a shard down past its bound does."""
+
+    def __init__(self, backend):
+        self.backend, self.failed = backend, False
+
+    def __call__(self, layer, hidden, weights, ids):
+        if not self.failed:
+            self.failed = True
+            raise EngineUnavailableError("expert shard(s) [1] answered no call")
+        return self.backend(layer, hidden, weights, ids)
+
+
+def test_a_failed_step_fails_its_requests_and_the_queued_ones_go_on(mixtral):
+    model, experts = mixtral
+    prompts = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    want = LLMEngine(model, experts, None, EngineConfig()).generate_batch(prompts, GREEDY)
+    engine = LLMEngine(model, FailingOnce(experts), None, EngineConfig(max_running=2))
+    ids = [engine.add_request(p, GREEDY) for p in prompts]
+    with pytest.raises(StepFailedError) as failed:
+        engine.step()  # the first two run in it; the third waits for a place
+    assert failed.value.request_ids == ids[:2] and isinstance(failed.value.cause, EngineUnavailableError)
+    assert engine.allocator.num_free == engine.allocator.num_blocks  # their cache is freed
+    [third] = [c for c in _drain(engine) if c]
+    assert third == want[2].token_ids
+
+
+def test_streams_of_a_failed_step_get_its_error_and_the_others_complete(mixtral):
+    model, experts = mixtral
+    prompts = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    want = LLMEngine(model, experts, None, EngineConfig()).generate_batch(prompts, GREEDY)
+    front = AsyncEngine(LLMEngine(model, FailingOnce(experts), None, EngineConfig(max_running=2)))
+
+    async def collect(p):
+        try:
+            return [t async for out in front.generate(p, GREEDY) for t in out.new_token_ids]
+        except EngineUnavailableError as e:
+            return e
+
+    async def main():
+        return await asyncio.gather(*(collect(p) for p in prompts))
+
+    try:
+        got = asyncio.run(main())
+        assert front.alive  # the engine goes on
+    finally:
+        front.shutdown()
+    failed = [i for i, g in enumerate(got) if isinstance(g, EngineUnavailableError)]
+    assert 1 <= len(failed) <= 2  # the first step's requests (which ones depends on arrival)
+    assert all(got[i] == want[i].token_ids for i in range(3) if i not in failed)
+
+
+def _drain(engine):
+    tokens = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    return list(tokens.values())

@@ -1,14 +1,25 @@
-"""Sharded experts give the same numbers as in-process experts, and call only shards with rows."""
+"""Sharded experts give the same numbers as in-process experts, call only shards with rows, retry failed
+shards within a bound, and spread replicated experts over their live holders."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
 
 from router.gate import GateSpec, top_k_gate
 from router.placement import Placement
+from serving.errors import EngineUnavailableError
 from serving.experts.local import LocalExpertBackend, StackedExperts
-from serving.experts.sharded import InProcessTransport, ShardedExpertBackend
+from serving.experts.sharded import (
+    InProcessTransport,
+    RetryPolicy,
+    ShardedExpertBackend,
+    ShardFailure,
+    run_shard_call,
+)
+from serving.metrics import MemorySink
 
 E, D, I, LAYER = 8, 32, 16, 3
 
@@ -75,3 +86,103 @@ def test_sharded_equals_local_on_the_device(device):
     sharded = ShardedExpertBackend(placement, HostTransport(shards))(LAYER, hidden, weights, ids)
     assert sharded.device.type == device.type
     torch.testing.assert_close(sharded, local, rtol=1e-6, atol=1e-6)
+
+
+class FlakyTransport(CountingTransport):
+    """In-process shards, some of which fail their next `fails[shard]` calls as a dead replica would."""
+
+    def __init__(self, shards, fails: dict[int, int], reason="gone"):
+        super().__init__(shards)
+        self.fails, self.reason = dict(fails), reason
+
+    def run(self, layer, calls):
+        self.calls.append(set(calls))
+        out = {}
+        for shard, call in calls.items():
+            if self.fails.get(shard, 0) > 0:
+                self.fails[shard] -= 1
+                out[shard] = ShardFailure(self.reason, "test")
+            else:
+                out[shard] = run_shard_call(self.shards[shard], layer, call)
+        return out
+
+    def probe(self, shard, timeout_s):
+        return self.fails.get(shard, 0) <= 0
+
+
+def wait_for(condition, timeout_s):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _layer_inputs(tokens=12, top_k=2, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(tokens, D, generator=gen)
+    weights, ids = top_k_gate(torch.randn(tokens, E, generator=gen), GateSpec(num_experts=E, top_k=top_k))
+    return hidden, weights, ids
+
+
+def _local(hidden, weights, ids):
+    return LocalExpertBackend({LAYER: experts(range(E))})(LAYER, hidden, weights, ids)
+
+
+def test_a_failed_shard_call_is_retried_and_the_layer_still_equals_local():
+    placement = Placement.contiguous(E, 2)
+    shards = {s: {LAYER: experts(placement.experts_of(s))} for s in range(2)}
+    sink = MemorySink()
+    transport = FlakyTransport(shards, fails={1: 2})
+    backend = ShardedExpertBackend(placement, transport, RetryPolicy(pause_s=0.001), sink)
+    hidden, weights, ids = _layer_inputs()
+    torch.testing.assert_close(backend(LAYER, hidden, weights, ids), _local(hidden, weights, ids), rtol=1e-6, atol=1e-6)
+    assert transport.calls == [{0, 1}, {1}, {1}]  # shard 0's answer is kept; only shard 1 is called again
+    assert sink.values("moe_shard_retries_total") == [1, 1]
+
+
+def test_rows_of_a_replicated_expert_move_to_its_other_holder_without_waiting():
+    placement = Placement.explicit(E, [[0, 1, 2, 3, 4, 5], [4, 5, 6, 7]])  # 4 and 5 on both
+    shards = {s: {LAYER: experts(placement.experts_of(s))} for s in range(2)}
+    ids = torch.tensor([[4, 5]] * 6)  # only replicated experts, 6 rows each: one goes to each shard
+    hidden, weights = torch.randn(6, D), torch.full((6, 2), 0.5)
+    sink = MemorySink()
+    transport = FlakyTransport(shards, fails={0: 100})  # shard 0 stays down
+    backend = ShardedExpertBackend(placement, transport, RetryPolicy(pause_s=10.0, max_pause_s=0.05), sink)
+    start = time.monotonic()
+    out = backend(LAYER, hidden, weights, ids)
+    assert time.monotonic() - start < 1.0
+    torch.testing.assert_close(out, _local(hidden, weights, ids), rtol=1e-6, atol=1e-6)
+    assert transport.calls == [{0, 1}, {1}]  # shard 0's rows (expert 4) moved to shard 1 at once
+    assert sink.values("moe_shard_failovers_total") == [1]
+    # the next step keeps off shard 0 while it is down: one call, to shard 1
+    backend(LAYER, hidden, weights, ids)
+    assert transport.calls[-1] == {1}
+    transport.fails[0] = 0  # shard 0 is back: the background probe sees it, and both holders share again
+    assert wait_for(lambda: not backend.failed, timeout_s=5)
+    backend(LAYER, hidden, weights, ids)
+    assert transport.calls[-1] == {0, 1}
+
+
+def test_replicated_experts_are_split_by_load_between_their_holders():
+    placement = Placement.explicit(E, [[0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 2, 3, 4, 5, 6, 7]])  # everything twice
+    shards = {s: {LAYER: experts(placement.experts_of(s))} for s in range(2)}
+    transport = CountingTransport(shards)
+    hidden, weights, ids = _layer_inputs(tokens=32, top_k=2)
+    out = ShardedExpertBackend(placement, transport)(LAYER, hidden, weights, ids)
+    assert transport.calls == [{0, 1}]  # both holders used, not only the first
+    torch.testing.assert_close(out, _local(hidden, weights, ids), rtol=1e-6, atol=1e-6)
+
+
+def test_a_shard_down_past_the_bound_fails_the_layer_with_engine_unavailable():
+    placement = Placement.contiguous(E, 2)
+    shards = {s: {LAYER: experts(placement.experts_of(s))} for s in range(2)}
+    transport = FlakyTransport(shards, fails={1: 10**6}, reason="unavailable")
+    backend = ShardedExpertBackend(placement, transport, RetryPolicy(wait_s=0.2, pause_s=0.01))
+    hidden, weights, ids = _layer_inputs()
+    start = time.monotonic()
+    with pytest.raises(EngineUnavailableError, match=r"shard\(s\) \[1\].*shard_wait_s=0.2"):
+        backend(LAYER, hidden, weights, ids)
+    assert 0.2 <= time.monotonic() - start < 2.0
+    assert 3 <= len(transport.calls) < 40  # it kept trying, with pauses between tries
