@@ -6,16 +6,17 @@
 Which fields are accepted (a field not listed here is refused with a 400 naming it, never ignored):
 - supported: model, max_tokens (chat also max_completion_tokens), temperature (0..2), top_p, stop (up to 4),
   seed, stream, stream_options.include_usage, user (ignored), and per route: completions prompt, echo,
-  logprobs (0..5); chat messages (system/user/assistant, string or text-part content), logprobs (bool),
-  top_logprobs (0..20). Extensions, as in vLLM: top_k, ignore_eos; ours: retrieval (RAG, see
-  serving/api/retrieval_bodies.py).
+  logprobs (0..5; with echo the prompt's tokens are scored too); chat messages (system/user/assistant,
+  string or text-part content), logprobs (bool), top_logprobs (0..20). Extensions, as in vLLM: top_k,
+  ignore_eos, completions prompt_logprobs (0..20); ours: retrieval (RAG, see serving/api/retrieval_bodies.py).
 - accepted only at their no-op value, because clients send them by default: n=1, best_of=1,
   frequency_penalty=0, presence_penalty=0, logit_bias={} / null, response_format={"type": "text"}, suffix=null.
   Any other value is a 400 that names the field.
 - refused: tools, functions, audio, images, several prompts in one request, unknown fields, unknown roles.
 - rules between fields: stream_options needs stream=true; chat top_logprobs needs logprobs=true; chat
-  max_tokens and max_completion_tokens must agree when both are sent; completions echo with logprobs is
-  refused (the engine has no prompt logprobs). Text parts of one message are joined with newlines.
+  max_tokens and max_completion_tokens must agree when both are sent; completions max_tokens=0 only scores
+  a prompt (echo with logprobs, or prompt_logprobs), and prompt scoring does not mix with retrieval (it
+  would score the retrieved passages). Text parts of one message are joined with newlines.
 Responses are in `serving/api/responses.py`; token logprobs in `serving/api/logprobs.py`.
 """
 
@@ -150,10 +151,14 @@ class _SamplingRequest(_Strict):
     def _logprobs(self) -> int | None:
         raise NotImplementedError
 
+    def _prompt_logprobs(self) -> int | None:
+        return None
+
     def sampling_params(self, prompt_tokens: int, max_model_len: int) -> SamplingParams:
         """The engine's parameters. A request without max_tokens may fill the context: max_model_len - prompt_tokens.
         Raises RequestError (naming the field) for values the engine cannot take."""
         max_tokens = self._max_tokens()
+        prompt_logprobs = self._prompt_logprobs()
         if max_tokens is None:
             if prompt_tokens >= max_model_len:
                 raise RequestError(
@@ -171,6 +176,7 @@ class _SamplingRequest(_Strict):
             stop=stop,
             ignore_eos=self.ignore_eos,
             logprobs=self._logprobs(),
+            prompt_logprobs=prompt_logprobs,
         )
 
 
@@ -180,20 +186,29 @@ class CompletionRequest(_SamplingRequest):
     prompt: Annotated[str | list[int], BeforeValidator(_one_prompt)] = Field(
         description="A string (encoded without special tokens), token ids, or a list holding one of those."
     )
-    max_tokens: int | None = Field(16, ge=1, description="Default 16, as OpenAI; null: fill the context.")
+    max_tokens: int | None = Field(
+        16,
+        ge=0,
+        description="Default 16, as OpenAI; null: fill the context; 0 scores the prompt without generating "
+        "(with echo and logprobs, or prompt_logprobs).",
+    )
     logprobs: int | None = Field(
-        None, ge=0, le=MAX_COMPLETION_LOGPROBS, description="Log-probabilities of each token and its N best rivals."
+        None,
+        ge=0,
+        le=MAX_COMPLETION_LOGPROBS,
+        description="Log-probabilities of each token and its N best rivals; with echo, of the prompt's tokens too "
+        "(the first one's is null).",
     )
     echo: bool = Field(False, description="Prepend the prompt to the returned text.")
     best_of: int | None = Field(None, description="Only 1.")
     suffix: str | None = Field(None, description="Only null or empty (no insertion).")
-
-    @field_validator("echo")
-    @classmethod
-    def _echo(cls, v: bool, info: ValidationInfo) -> bool:
-        if v and info.data.get("logprobs") is not None:
-            raise ValueError("echo with logprobs is not supported yet (it needs prompt logprobs)")
-        return v
+    prompt_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="Extension (as vLLM): each prompt token's log-probability and its N best rivals, in "
+        "choices[0].prompt_logprobs (null for the first token).",
+    )
 
     @field_validator("best_of")
     @classmethod
@@ -210,10 +225,27 @@ class CompletionRequest(_SamplingRequest):
         return v
 
     def _max_tokens(self) -> int | None:
+        scoring = self._prompt_logprobs() is not None
+        if self.max_tokens == 0 and not scoring:
+            raise RequestError(
+                "max_tokens: 0 only scores a prompt; send echo=true with logprobs (or prompt_logprobs), "
+                "or ask for at least 1 token"
+            )
+        if scoring and self.retrieval is not None:
+            raise RequestError(
+                "retrieval: cannot be combined with prompt scoring (echo with logprobs, or prompt_logprobs): "
+                "the logprobs would score the retrieved passages, not the prompt you sent"
+            )
         return self.max_tokens
 
     def _logprobs(self) -> int | None:
         return self.logprobs
+
+    def _prompt_logprobs(self) -> int | None:
+        """What the engine scores in the prompt: echo with logprobs needs `logprobs` rivals per token, the
+        prompt_logprobs extension its own number. The engine scores the larger; each response field keeps its own."""
+        wanted = [n for n in (self.logprobs if self.echo else None, self.prompt_logprobs) if n is not None]
+        return max(wanted) if wanted else None
 
     def retrieval_query(self) -> str:
         """What retrieval searches for: the prompt text."""
