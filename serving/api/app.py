@@ -36,13 +36,16 @@ from starlette.types import Receive, Scope, Send
 
 from serving.api.errors import APIError, Guard, install_error_handlers
 from serving.api.logprobs import TokenTexts, chat_logprobs, completion_logprobs, echo_logprobs, prompt_logprobs
+from serving.api.openapi import document_api, errors
 from serving.api.requests import ChatCompletionRequest, CompletionRequest
 from serving.api.responses import (
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
+    ChatCompletionChunk,
     Completion,
     CompletionChoice,
+    CompletionChunk,
     ModelCard,
     ModelList,
     Usage,
@@ -306,15 +309,19 @@ def build_api(
     async def models() -> Response:
         return api.models()
 
-    @app.post("/v1/completions", response_model=Completion)
+    @app.post("/v1/completions", response_model=Completion, responses=errors(400, 404, 429, 503))
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await api.completion(body, request)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletion)
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=errors(400, 404, 429, 503))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await api.chat(body, request)
 
     install_retrieval_routes(app, retrieval)
+    streams = {"/v1/completions": CompletionChunk, "/v1/chat/completions": ChatCompletionChunk}
+    document_api(
+        app, auth=bool(api_keys or admin_keys), model_name=model_name, max_model_len=max_model_len, streams=streams
+    )
     return app
 
 
