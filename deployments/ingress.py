@@ -7,6 +7,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
@@ -79,7 +80,9 @@ class RouterClient:
     ) -> AsyncIterator[RequestOutput]:
         sent: list[int] = []  # output tokens the client has been given
         for attempt in range(self.failover.max_migrations + 1):
-            stream = self.handle.generate.remote(prompt_ids, params, request_id, list(sent))
+            # once tokens were sent, so were the prompt's logprobs (they come with the first output)
+            resumed = replace(params, prompt_logprobs=None) if sent else params
+            stream = self.handle.generate.remote(prompt_ids, resumed, request_id, list(sent))
             try:
                 await self._assigned(stream)
                 with _unwrapped(_PASS_THROUGH):

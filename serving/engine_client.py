@@ -42,10 +42,14 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False  # keep going past end-of-sequence tokens (benchmarks, parity tests)
     logprobs: int | None = None  # None: no logprobs; N: the chosen token's and the N best alternatives'
+    # None: no prompt logprobs; N: each prompt token's logprob (scored in the prefill) and its N best alternatives
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise RequestError(f"max_tokens={self.max_tokens}: must be at least 1")
+        if self.max_tokens < 0 or (self.max_tokens == 0 and self.prompt_logprobs is None):
+            raise RequestError(
+                f"max_tokens={self.max_tokens}: must be at least 1 (0 only scores a prompt: with prompt_logprobs set)"
+            )
         if not 0.0 <= self.temperature <= 100.0:
             raise RequestError(f"temperature={self.temperature}: must be in [0, 100]")
         if not 0.0 < self.top_p <= 1.0:
@@ -54,6 +58,8 @@ class SamplingParams:
             raise RequestError(f"top_k={self.top_k}: must be a positive integer (or omitted)")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise RequestError(f"logprobs={self.logprobs}: must be in [0, {MAX_LOGPROBS}]")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise RequestError(f"prompt_logprobs={self.prompt_logprobs}: must be in [0, {MAX_LOGPROBS}]")
         if any(not s for s in self.stop):
             raise RequestError("stop: stop strings must not be empty")
 
@@ -69,11 +75,16 @@ class TokenLogprobs:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = field(default=())
+    rank: int | None = None  # the token's place in the distribution (1: the most likely); None: not computed
 
 
 @dataclass
 class RequestOutput:
-    """What one engine step produced for one request: new tokens and text, and whether it is finished."""
+    """What one engine step produced for one request: new tokens and text, and whether it is finished.
+
+    `prompt_logprobs` (with SamplingParams.prompt_logprobs set) comes on the request's first output only:
+    one entry per prompt token, None for the first (nothing before it to predict it). Plain data, so it
+    crosses Ray Serve between the Router and the Ingress unchanged."""
 
     request_id: str
     new_token_ids: list[int]
@@ -83,6 +94,7 @@ class RequestOutput:
     finish_reason: str | None
     num_prompt_tokens: int
     num_output_tokens: int
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 class EngineConfig(BaseModel):
@@ -132,6 +144,8 @@ def check_resumed(resumed_ids: list[int], params: SamplingParams, vocab_size: in
         raise RequestError(f"resumed_ids: {len(resumed_ids)} tokens leave nothing of max_tokens={params.max_tokens}")
     if bad := [t for t in resumed_ids if not 0 <= t < vocab_size]:
         raise RequestError(f"resumed_ids: token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+    if params.prompt_logprobs is not None:
+        raise RequestError("resumed_ids with prompt_logprobs: the first output carried them already; resume without")
 
 
 class EngineClient(Protocol):

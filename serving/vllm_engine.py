@@ -11,7 +11,9 @@ What maps to what:
   max_batched_tokens -> max_num_batched_tokens. block_size and max_waiting are the native engine's own.
 - VLLMOptions (vLLM only): tensor_parallel_size, enable_expert_parallel, enforce_eager.
 - SamplingParams: one for one; top_k None is vLLM's 0 ("off"); outputs are DELTA (only what is new).
-  Logprobs are of the raw distribution (vLLM's default logprobs_mode), as ours.
+  Logprobs are of the raw distribution (vLLM's default logprobs_mode), as ours. prompt_logprobs maps to
+  vLLM's; max_tokens=0 (prompt scoring, which vLLM's SamplingParams refuses) runs with max_tokens=1, as
+  vLLM's own server does for echo, and the generated token is dropped.
 - Requests are checked by `serving.engine_client.check_request` before vLLM sees them, so a refusal gives the
   same RequestError (and the same HTTP 400) as the native engine.
 
@@ -108,7 +110,7 @@ def to_vllm_params(params: SamplingParams):
 
     try:
         return vllm.SamplingParams(
-            max_tokens=params.max_tokens,
+            max_tokens=max(params.max_tokens, 1),  # 0 scores the prompt only: generate() drops the one token
             temperature=params.temperature,
             top_p=params.top_p,
             top_k=0 if params.top_k is None else params.top_k,  # vLLM's 0 is "no top-k cut"
@@ -117,6 +119,7 @@ def to_vllm_params(params: SamplingParams):
             stop_token_ids=list(params.stop_token_ids),
             ignore_eos=params.ignore_eos,
             logprobs=params.logprobs,
+            prompt_logprobs=params.prompt_logprobs,
             output_kind=RequestOutputKind.DELTA,
         )
     except VLLMValidationError as e:
@@ -127,9 +130,18 @@ def to_token_logprobs(token_id: int, entries: dict[int, Any], top_n: int) -> Tok
     """One position of vLLM's logprobs ({token id: Logprob(logprob, rank)}, the sampled token and the
     top_n best) as our TokenLogprobs, alternatives best first."""
     top = sorted((e.rank, tid, e.logprob) for tid, e in entries.items() if e.rank is not None and e.rank <= top_n)
+    chosen = entries[token_id]
     return TokenLogprobs(
-        token_id=token_id, logprob=entries[token_id].logprob, top=tuple((tid, lp) for _, tid, lp in top)
+        token_id=token_id, logprob=chosen.logprob, top=tuple((tid, lp) for _, tid, lp in top), rank=chosen.rank
     )
+
+
+def to_prompt_logprobs(prompt_ids: list[int], positions: list[dict[int, Any] | None], top_n: int):
+    """vLLM's prompt logprobs (None, then one {token id: Logprob} per prompt token) as ours."""
+    return [
+        None if entries is None else to_token_logprobs(token_id, entries, top_n)
+        for token_id, entries in zip(prompt_ids, positions, strict=True)
+    ]
 
 
 class AsyncVLLMEngine:
@@ -181,26 +193,39 @@ class AsyncVLLMEngine:
             raise EngineStoppedError("the vLLM engine has stopped")
         vllm_params = to_vllm_params(replace(params, max_tokens=params.max_tokens - len(resumed)))
         request_id = request_id or f"vreq-{next(self._ids)}"
-        num_output = len(resumed)
+        num_output, prompt_positions, first = len(resumed), None, True
+        scoring_only = params.max_tokens == 0
         stream = self.llm.generate({"prompt_token_ids": list(prompt_ids) + resumed}, vllm_params, request_id)
         async with aclosing(stream):  # leaving early closes vLLM's generator, which aborts the request
             try:
                 async for out in stream:
                     [completion] = out.outputs  # n=1
-                    num_output += len(completion.token_ids)
+                    if out.prompt_logprobs is not None and prompt_positions is None:  # DELTA: all of them, once
+                        prompt_positions = list(out.prompt_logprobs)
+                    if scoring_only and not out.finished:
+                        continue  # the one token vLLM had to generate is not part of the answer
+                    token_ids = [] if scoring_only else list(completion.token_ids)
+                    num_output += len(token_ids)
                     logprobs = []
-                    if params.logprobs is not None:  # one {token id: Logprob} per new token
-                        pairs = zip(completion.token_ids, completion.logprobs, strict=True)
+                    if params.logprobs is not None and not scoring_only:  # one {token id: Logprob} per new token
+                        pairs = zip(token_ids, completion.logprobs, strict=True)
                         logprobs = [to_token_logprobs(t, entries, params.logprobs) for t, entries in pairs]
+                    prompt_logprobs = None
+                    if first and params.prompt_logprobs is not None:  # ours come with the first output, as vLLM's
+                        prompt_logprobs = to_prompt_logprobs(prompt_ids, prompt_positions, params.prompt_logprobs)
+                    first = False
                     yield RequestOutput(
                         request_id=request_id,
-                        new_token_ids=list(completion.token_ids),
-                        new_text=completion.text,
+                        new_token_ids=token_ids,
+                        new_text="" if scoring_only else completion.text,
                         new_logprobs=logprobs,
                         finished=out.finished,
-                        finish_reason=completion.finish_reason if out.finished else None,
+                        finish_reason=("length" if scoring_only else completion.finish_reason)
+                        if out.finished
+                        else None,
                         num_prompt_tokens=len(prompt_ids),
                         num_output_tokens=num_output,
+                        prompt_logprobs=prompt_logprobs,
                     )
             except GracefulHTTPError as e:  # vLLM's admission control (queue full)
                 raise EngineOverloadedError(str(e)) from None

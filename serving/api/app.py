@@ -35,14 +35,17 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from serving.api.errors import APIError, Guard, install_error_handlers
-from serving.api.logprobs import TokenTexts, chat_logprobs, completion_logprobs
+from serving.api.logprobs import TokenTexts, chat_logprobs, completion_logprobs, echo_logprobs, prompt_logprobs
+from serving.api.openapi import document_api, errors
 from serving.api.requests import ChatCompletionRequest, CompletionRequest
 from serving.api.responses import (
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
+    ChatCompletionChunk,
     Completion,
     CompletionChoice,
+    CompletionChunk,
     ModelCard,
     ModelList,
     Usage,
@@ -140,15 +143,28 @@ class _Api:
             await started.aclose()
             raise
         with_logprobs = req.logprobs is not None
+        scored = started.first.prompt_logprobs  # the prompt's logprobs come with the first output
+        echo_lp = echo_logprobs(prompt_ids, scored, self.texts, req.logprobs) if req.echo and with_logprobs else None
+        prompt_lp = (
+            prompt_logprobs(scored, self.texts, req.prompt_logprobs) if req.prompt_logprobs is not None else None
+        )
 
         def events() -> AsyncIterator[str]:
             return completion_events(
-                started, request_id, created, self.model_name, self.texts, echo, with_logprobs, req.include_usage, info
-            )
+                started, request_id, created, self.model_name, self.texts, echo, with_logprobs, req.include_usage, info,
+                echo_lp, prompt_lp,
+            )  # fmt: skip
 
         def body(result: _Result) -> Completion:
             logprobs = completion_logprobs(result.logprobs, self.texts, len(echo)) if with_logprobs else None
-            choice = CompletionChoice(text=echo + result.text, logprobs=logprobs, finish_reason=result.finish_reason)
+            if echo_lp is not None and logprobs is not None:
+                logprobs = echo_lp.followed_by(logprobs)
+            choice = CompletionChoice(
+                text=echo + result.text,
+                logprobs=logprobs,
+                finish_reason=result.finish_reason,
+                prompt_logprobs=prompt_lp,
+            )
             return Completion(
                 id=request_id, created=created, model=self.model_name, choices=[choice], usage=result.usage,
                 retrieval=info,
@@ -293,15 +309,19 @@ def build_api(
     async def models() -> Response:
         return api.models()
 
-    @app.post("/v1/completions", response_model=Completion)
+    @app.post("/v1/completions", response_model=Completion, responses=errors(400, 404, 429, 503))
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await api.completion(body, request)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletion)
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=errors(400, 404, 429, 503))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await api.chat(body, request)
 
     install_retrieval_routes(app, retrieval)
+    streams = {"/v1/completions": CompletionChunk, "/v1/chat/completions": ChatCompletionChunk}
+    document_api(
+        app, auth=bool(api_keys or admin_keys), model_name=model_name, max_model_len=max_model_len, streams=streams
+    )
     return app
 
 

@@ -33,6 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.api.requests import ErrorInfo, ErrorResponse
@@ -140,8 +141,9 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404:
             message = f"no route {where}; this server has {', '.join(_paths(request))}"
         elif exc.status_code == 405:
-            allowed = (exc.headers or {}).get("Allow", "")
+            allowed = _allowed_methods(request)  # Starlette's Allow names only the first route on the path
             message = f"method {request.method} is not allowed on {request.url.path}; use {allowed}"
+            return APIError(405, message, headers={**(exc.headers or {}), "Allow": allowed}).response()
         else:
             message = str(exc.detail)
         return APIError(exc.status_code, message, headers=exc.headers).response()
@@ -258,6 +260,16 @@ class Guard:
 def _matches(sent: bytes, keys: list[bytes]) -> bool:
     """Whether `sent` is one of `keys`, in time that does not depend on which one (or how much of one) matched."""
     return any([hmac.compare_digest(sent, k) for k in keys])  # a list: compare with every key
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route takes on this request's path (GET /v1/documents: "DELETE, POST")."""
+    methods: set[str] = set()
+    for route in request.app.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
 
 
 def _paths(request: Request) -> list[str]:

@@ -2,7 +2,9 @@
 
 >>> texts = TokenTexts(tokenizer)
 >>> completion_logprobs(out.new_logprobs, texts, offset=0)   # {"tokens", "token_logprobs", "top_logprobs", ...}
+>>> echo_logprobs(prompt_ids, first.prompt_logprobs, texts, top_n=1)   # the same for the prompt (echo)
 >>> chat_logprobs(out.new_logprobs, texts)                     # {"content": [{"token", "logprob", "bytes", ...}]}
+>>> prompt_logprobs(first.prompt_logprobs, texts, top_n=1)    # vLLM's prompt_logprobs extension
 
 A token's text is the text of its own bytes: with byte-level BPE one token may hold part of a UTF-8
 character, so its text then shows U+FFFD while `bytes` (chat format) keeps the exact bytes.
@@ -13,7 +15,14 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from serving.api.responses import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from serving.api.responses import (
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionLogprobs,
+    PromptLogprobs,
+    PromptTokenLogprob,
+    TopLogprob,
+)
 from serving.engine_client import TokenLogprobs
 from serving.tokenizer import Tokenizer
 
@@ -76,14 +85,54 @@ def completion_logprobs(entries: Sequence[TokenLogprobs], texts: TokenTexts, off
     Each `top_logprobs` dict holds the N best tokens and the chosen one (as OpenAI: up to N + 1 entries)."""
     out = CompletionLogprobs()
     for entry in entries:
-        text = texts.text(entry.token_id)
-        top = {texts.text(t): _clamp(lp) for t, lp in entry.top}
+        offset = _add(out, entry.token_id, entry, texts, offset, len(entry.top))
+    return out
+
+
+def echo_logprobs(
+    prompt_ids: Sequence[int], entries: Sequence[TokenLogprobs | None], texts: TokenTexts, top_n: int
+) -> CompletionLogprobs:
+    """The prompt's tokens in /v1/completions format (echo with logprobs), from the text's start: the first has
+    no logprob (null), as OpenAI. The engine may have scored more alternatives than `top_n`; these keep `top_n`."""
+    out, offset = CompletionLogprobs(), 0
+    for token_id, entry in zip(prompt_ids, entries, strict=True):
+        offset = _add(out, token_id, entry, texts, offset, top_n)
+    return out
+
+
+def _add(
+    out: CompletionLogprobs, token_id: int, entry: TokenLogprobs | None, texts: TokenTexts, offset: int, top_n: int
+) -> int:
+    """Append one token; returns where the next one starts."""
+    text = texts.text(token_id)
+    out.tokens.append(text)
+    out.text_offset.append(offset)
+    if entry is None:
+        out.token_logprobs.append(None)
+        out.top_logprobs.append(None)
+    else:
+        top = {texts.text(t): _clamp(lp) for t, lp in entry.top[:top_n]}
         top.setdefault(text, _clamp(entry.logprob))
-        out.tokens.append(text)
         out.token_logprobs.append(_clamp(entry.logprob))
         out.top_logprobs.append(top)
-        out.text_offset.append(offset)
-        offset += len(text)
+    return offset + len(text)
+
+
+def prompt_logprobs(entries: Sequence[TokenLogprobs | None], texts: TokenTexts, top_n: int) -> PromptLogprobs:
+    """vLLM's `prompt_logprobs` format: per prompt token null (the first) or {token id: logprob, rank, text}
+    for the prompt's token (first) and its `top_n` best rivals (ranks 1..top_n)."""
+    out: PromptLogprobs = []
+    for entry in entries:
+        if entry is None:
+            out.append(None)
+            continue
+        position = {entry.token_id: PromptTokenLogprob(logprob=_clamp(entry.logprob), rank=entry.rank,
+                                                       decoded_token=texts.text(entry.token_id))}  # fmt: skip
+        for rank, (token_id, logprob) in enumerate(entry.top[:top_n], start=1):
+            position.setdefault(
+                token_id, PromptTokenLogprob(logprob=_clamp(logprob), rank=rank, decoded_token=texts.text(token_id))
+            )
+        out.append(position)
     return out
 
 

@@ -6,25 +6,31 @@
 Which fields are accepted (a field not listed here is refused with a 400 naming it, never ignored):
 - supported: model, max_tokens (chat also max_completion_tokens), temperature (0..2), top_p, stop (up to 4),
   seed, stream, stream_options.include_usage, user (ignored), and per route: completions prompt, echo,
-  logprobs (0..5); chat messages (system/user/assistant, string or text-part content), logprobs (bool),
-  top_logprobs (0..20). Extensions, as in vLLM: top_k, ignore_eos; ours: retrieval (RAG, see
-  serving/api/retrieval_bodies.py).
+  logprobs (0..5; with echo the prompt's tokens are scored too); chat messages (system/user/assistant,
+  string or text-part content), logprobs (bool), top_logprobs (0..20). Extensions, as in vLLM: top_k,
+  ignore_eos, completions prompt_logprobs (0..20); ours: retrieval (RAG, see serving/api/retrieval_bodies.py).
 - accepted only at their no-op value, because clients send them by default: n=1, best_of=1,
   frequency_penalty=0, presence_penalty=0, logit_bias={} / null, response_format={"type": "text"}, suffix=null.
   Any other value is a 400 that names the field.
 - refused: tools, functions, audio, images, several prompts in one request, unknown fields, unknown roles.
 - rules between fields: stream_options needs stream=true; chat top_logprobs needs logprobs=true; chat
-  max_tokens and max_completion_tokens must agree when both are sent; completions echo with logprobs is
-  refused (the engine has no prompt logprobs). Text parts of one message are joined with newlines.
+  max_tokens and max_completion_tokens must agree when both are sent; completions max_tokens=0 only scores
+  a prompt (echo with logprobs, or prompt_logprobs), and prompt scoring does not mix with retrieval (it
+  would score the retrieved passages). Text parts of one message are joined with newlines.
+- the schema (/openapi.json) says all of this: field validators keep their own messages, and
+  json_schema_extra writes what they enforce (_documented, _one_of) and the rules between fields (_when)
+  into it; validation is strict, as the schema reads (serving/api/fields.py).
 Responses are in `serving/api/responses.py`; token logprobs in `serving/api/logprobs.py`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
+from serving.api.fields import json_int
 from serving.api.retrieval_bodies import RetrievalOptions
 from serving.engine_client import MAX_LOGPROBS, SamplingParams
 from serving.errors import RequestError
@@ -40,7 +46,9 @@ def _one_prompt(value: Any) -> Any:
         if len(value) != 1:
             raise ValueError(f"{len(value)} prompts in one request; this server takes one prompt per request")
         value = value[0]
-    if isinstance(value, str) or (isinstance(value, list) and all(type(v) is int for v in value)):
+    if isinstance(value, list) and all(type(v) is float and v.is_integer() for v in value if type(v) is not int):
+        return [int(v) for v in value]  # JSON has one number type: 7.0 is the integer 7 (as JSON Schema says)
+    if isinstance(value, str):
         return value
     raise ValueError("must be a string, a list of token ids, or a list holding exactly one of those")
 
@@ -63,7 +71,56 @@ def _message_text(value: Any) -> Any:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # accept what the schema says (serving/api/fields.py)
+
+
+def _one_of(*alternatives: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    """json_schema_extra that documents a field as exactly these alternatives: what the field's own validator
+    enforces (with its own messages), written where a generated client can see it."""
+
+    def document(schema: dict[str, Any]) -> None:
+        schema.pop("type", None)
+        schema["anyOf"] = list(alternatives)
+
+    return document
+
+
+def _documented(*alternatives: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    """_one_of these, or null (an optional field)."""
+    return _one_of(*alternatives, {"type": "null"})
+
+
+_ONLY_ZERO = _documented({"type": "number", "minimum": 0, "maximum": 0})
+_ONLY_ONE = _documented({"type": "integer", "minimum": 1, "maximum": 1})
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+
+
+def _when(condition: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
+    """A rule between fields, in JSON Schema: a body whose fields match `condition` must match `then`."""
+    return {"if": {"properties": condition, "required": list(condition)}, "then": then}
+
+
+def _must_be(**fields: Any) -> dict[str, Any]:
+    return {"properties": {name: {"const": value} for name, value in fields.items()}, "required": list(fields)}
+
+
+# The rules between fields that the validators below enforce, for the schema (model json_schema_extra).
+_STREAM_OPTIONS_NEED_STREAM = _when({"stream_options": {"type": "object"}}, _must_be(stream=True))
+_TOP_LOGPROBS_NEED_LOGPROBS = _when({"top_logprobs": {"type": "integer"}}, _must_be(logprobs=True))
+_SCORING = {  # what makes a completions request score its prompt
+    "anyOf": [
+        {"properties": {"echo": {"const": True}, "logprobs": {"type": "integer"}}, "required": ["echo", "logprobs"]},
+        {"properties": {"prompt_logprobs": {"type": "integer"}}, "required": ["prompt_logprobs"]},
+    ]
+}
+_ZERO_TOKENS_SCORE = _when({"max_tokens": {"const": 0}}, _SCORING)
+_RETRIEVAL_DOES_NOT_SCORE = _when({"retrieval": {"type": "object"}}, {"not": _SCORING})
+_TEXT_PART = {
+    "type": "object",
+    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+    "required": ["type", "text"],
+    "additionalProperties": False,
+}
 
 
 class StreamOptions(_Strict):
@@ -76,7 +133,10 @@ class ResponseFormat(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant"]
-    content: Annotated[str, BeforeValidator(_message_text)]
+    content: Annotated[str, BeforeValidator(_message_text)] = Field(
+        description="A string, or text parts (joined with newlines).",
+        json_schema_extra=_one_of({"type": "string"}, {"type": "array", "items": _TEXT_PART, "minItems": 1}),
+    )
 
 
 class _SamplingRequest(_Strict):
@@ -85,19 +145,30 @@ class _SamplingRequest(_Strict):
     model: str = Field(description="Must be the served model's name (GET /v1/models).")
     temperature: float | None = Field(None, ge=0, le=2, description="0 is greedy; default 1.")
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass; default 1.")
-    top_k: int | None = Field(None, ge=1, description="Extension: sample among the k most likely tokens.")
+    top_k: json_int(ge=1) | None = Field(None, description="Extension: sample among the k most likely tokens.")
     stop: str | list[Annotated[str, Field(min_length=1)]] | None = Field(
-        None, description=f"Up to {MAX_STOP_STRINGS} strings; the text ends before the first one generated."
+        None,
+        description=f"Up to {MAX_STOP_STRINGS} strings; the text ends before the first one generated.",
+        json_schema_extra=_documented(
+            {"type": "string", "minLength": 1},
+            {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP_STRINGS},
+        ),
     )
-    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1], description="Same seed, same tokens.")
+    seed: json_int(ge=SEED_RANGE[0], le=SEED_RANGE[1]) | None = Field(None, description="Same seed, same tokens.")
     stream: bool = Field(False, description="Stream server-sent events.")
     stream_options: StreamOptions | None = Field(None, description="Only with stream=true.")
     ignore_eos: bool = Field(False, description="Extension: keep generating past end-of-sequence tokens.")
     user: str | None = Field(None, description="Accepted and ignored.")
-    n: int | None = Field(None, description="Only 1.")
-    frequency_penalty: float | None = Field(None, description="Only 0 (penalties are not implemented).")
-    presence_penalty: float | None = Field(None, description="Only 0 (penalties are not implemented).")
-    logit_bias: dict[str, float] | None = Field(None, description="Only empty.")
+    n: json_int() | None = Field(None, description="Only 1.", json_schema_extra=_ONLY_ONE)
+    frequency_penalty: float | None = Field(
+        None, description="Only 0 (penalties are not implemented).", json_schema_extra=_ONLY_ZERO
+    )
+    presence_penalty: float | None = Field(
+        None, description="Only 0 (penalties are not implemented).", json_schema_extra=_ONLY_ZERO
+    )
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Only empty.", json_schema_extra=_documented({"type": "object", "maxProperties": 0})
+    )
     response_format: ResponseFormat | None = Field(None, description='Only {"type": "text"}.')
     retrieval: RetrievalOptions | None = Field(
         None, description="Extension: retrieve passages and put them in the prompt (RAG); omitted: no retrieval."
@@ -150,10 +221,14 @@ class _SamplingRequest(_Strict):
     def _logprobs(self) -> int | None:
         raise NotImplementedError
 
+    def _prompt_logprobs(self) -> int | None:
+        return None
+
     def sampling_params(self, prompt_tokens: int, max_model_len: int) -> SamplingParams:
         """The engine's parameters. A request without max_tokens may fill the context: max_model_len - prompt_tokens.
         Raises RequestError (naming the field) for values the engine cannot take."""
         max_tokens = self._max_tokens()
+        prompt_logprobs = self._prompt_logprobs()
         if max_tokens is None:
             if prompt_tokens >= max_model_len:
                 raise RequestError(
@@ -171,29 +246,48 @@ class _SamplingRequest(_Strict):
             stop=stop,
             ignore_eos=self.ignore_eos,
             logprobs=self._logprobs(),
+            prompt_logprobs=prompt_logprobs,
         )
 
 
 class CompletionRequest(_SamplingRequest):
     """POST /v1/completions: complete a raw prompt (no chat template)."""
 
-    prompt: Annotated[str | list[int], BeforeValidator(_one_prompt)] = Field(
-        description="A string (encoded without special tokens), token ids, or a list holding one of those."
+    model_config = ConfigDict(
+        json_schema_extra={"allOf": [_STREAM_OPTIONS_NEED_STREAM, _ZERO_TOKENS_SCORE, _RETRIEVAL_DOES_NOT_SCORE]}
     )
-    max_tokens: int | None = Field(16, ge=1, description="Default 16, as OpenAI; null: fill the context.")
-    logprobs: int | None = Field(
-        None, ge=0, le=MAX_COMPLETION_LOGPROBS, description="Log-probabilities of each token and its N best rivals."
+
+    prompt: Annotated[str | list[int], BeforeValidator(_one_prompt)] = Field(
+        description="A string (encoded without special tokens), token ids, or a list holding one of those.",
+        json_schema_extra=_one_of(
+            {"type": "string", "minLength": 1},
+            _TOKEN_IDS,
+            {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
+            {"type": "array", "items": _TOKEN_IDS, "minItems": 1, "maxItems": 1},
+        ),
+    )
+    max_tokens: json_int(ge=0) | None = Field(
+        16,
+        description="Default 16, as OpenAI; null: fill the context; 0 scores the prompt without generating "
+        "(with echo and logprobs, or prompt_logprobs).",
+    )
+    logprobs: json_int(ge=0, le=MAX_COMPLETION_LOGPROBS) | None = Field(
+        None,
+        description="Log-probabilities of each token and its N best rivals; with echo, of the prompt's tokens too "
+        "(the first one's is null).",
     )
     echo: bool = Field(False, description="Prepend the prompt to the returned text.")
-    best_of: int | None = Field(None, description="Only 1.")
-    suffix: str | None = Field(None, description="Only null or empty (no insertion).")
-
-    @field_validator("echo")
-    @classmethod
-    def _echo(cls, v: bool, info: ValidationInfo) -> bool:
-        if v and info.data.get("logprobs") is not None:
-            raise ValueError("echo with logprobs is not supported yet (it needs prompt logprobs)")
-        return v
+    best_of: json_int() | None = Field(None, description="Only 1.", json_schema_extra=_ONLY_ONE)
+    suffix: str | None = Field(
+        None,
+        description="Only null or empty (no insertion).",
+        json_schema_extra=_documented({"type": "string", "maxLength": 0}),
+    )
+    prompt_logprobs: json_int(ge=0, le=MAX_LOGPROBS) | None = Field(
+        None,
+        description="Extension (as vLLM): each prompt token's log-probability and its N best rivals, in "
+        "choices[0].prompt_logprobs (null for the first token).",
+    )
 
     @field_validator("best_of")
     @classmethod
@@ -210,10 +304,27 @@ class CompletionRequest(_SamplingRequest):
         return v
 
     def _max_tokens(self) -> int | None:
+        scoring = self._prompt_logprobs() is not None
+        if self.max_tokens == 0 and not scoring:
+            raise RequestError(
+                "max_tokens: 0 only scores a prompt; send echo=true with logprobs (or prompt_logprobs), "
+                "or ask for at least 1 token"
+            )
+        if scoring and self.retrieval is not None:
+            raise RequestError(
+                "retrieval: cannot be combined with prompt scoring (echo with logprobs, or prompt_logprobs): "
+                "the logprobs would score the retrieved passages, not the prompt you sent"
+            )
         return self.max_tokens
 
     def _logprobs(self) -> int | None:
         return self.logprobs
+
+    def _prompt_logprobs(self) -> int | None:
+        """What the engine scores in the prompt: echo with logprobs needs `logprobs` rivals per token, the
+        prompt_logprobs extension its own number. The engine scores the larger; each response field keeps its own."""
+        wanted = [n for n in (self.logprobs if self.echo else None, self.prompt_logprobs) if n is not None]
+        return max(wanted) if wanted else None
 
     def retrieval_query(self) -> str:
         """What retrieval searches for: the prompt text."""
@@ -225,12 +336,14 @@ class CompletionRequest(_SamplingRequest):
 class ChatCompletionRequest(_SamplingRequest):
     """POST /v1/chat/completions: messages rendered with the checkpoint's chat template."""
 
+    model_config = ConfigDict(json_schema_extra={"allOf": [_STREAM_OPTIONS_NEED_STREAM, _TOP_LOGPROBS_NEED_LOGPROBS]})
+
     messages: list[ChatMessage] = Field(min_length=1, description="system / user / assistant turns.")
-    max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI; default: fill the context.")
-    max_completion_tokens: int | None = Field(None, ge=1, description="Default: fill the context.")
+    max_tokens: json_int(ge=1) | None = Field(None, description="Deprecated by OpenAI; default: fill the context.")
+    max_completion_tokens: json_int(ge=1) | None = Field(None, description="Default: fill the context.")
     logprobs: bool = Field(False, description="Return each output token's log-probability.")
-    top_logprobs: int | None = Field(
-        None, ge=0, le=MAX_LOGPROBS, description="With logprobs=true: the N most likely tokens at each position."
+    top_logprobs: json_int(ge=0, le=MAX_LOGPROBS) | None = Field(
+        None, description="With logprobs=true: the N most likely tokens at each position."
     )
 
     @field_validator("max_completion_tokens")

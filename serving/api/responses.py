@@ -38,12 +38,33 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
-    """/v1/completions: parallel lists, one entry per output token."""
+    """/v1/completions: parallel lists, one entry per token: with echo the prompt's tokens, then the output's.
+    The prompt's first token has no logprob (null in token_logprobs and top_logprobs), as OpenAI."""
 
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)  # N best (and the chosen) token -> logprob
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)  # N best (and the chosen) -> logprob
     text_offset: list[int] = Field(default_factory=list)  # where each token starts in the returned text
+
+    def followed_by(self, other: CompletionLogprobs) -> CompletionLogprobs:
+        return CompletionLogprobs(
+            tokens=self.tokens + other.tokens,
+            token_logprobs=self.token_logprobs + other.token_logprobs,
+            top_logprobs=self.top_logprobs + other.top_logprobs,
+            text_offset=self.text_offset + other.text_offset,
+        )
+
+
+class PromptTokenLogprob(BaseModel):
+    """Extension (vLLM's `prompt_logprobs` format): one token at one prompt position."""
+
+    logprob: float
+    rank: int | None  # 1: the most likely token at this position
+    decoded_token: str
+
+
+# Per prompt token: null for the first, then {token id: its logprob} for the prompt's token and its N best rivals.
+PromptLogprobs = list[dict[int, PromptTokenLogprob] | None]
 
 
 class TopLogprob(BaseModel):
@@ -68,6 +89,8 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
+    # extension, as vLLM: requests with `prompt_logprobs` (a stream's first chunk with choices carries it)
+    prompt_logprobs: PromptLogprobs | None = Field(None, exclude_if=_is_none)
 
 
 class Completion(BaseModel):

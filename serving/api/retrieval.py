@@ -24,12 +24,14 @@ from typing import Protocol
 from fastapi import FastAPI, Query, Response
 
 from serving.api.errors import APIError
+from serving.api.openapi import errors
 from serving.api.retrieval_bodies import (
     CollectionList,
     CollectionOut,
     DeleteResponse,
     IngestRequest,
     IngestResponse,
+    Name,
     PassageOut,
     RetrievalInfo,
     RetrievalOptions,
@@ -137,7 +139,7 @@ def install_retrieval_routes(app: FastAPI, retrieval: Retrieval | None) -> None:
     def json(model) -> Response:
         return Response(model.model_dump_json(), media_type="application/json")
 
-    @app.post("/v1/retrieve", response_model=RetrieveResponse)
+    @app.post("/v1/retrieve", response_model=RetrieveResponse, responses=errors(400, 404, 503))
     async def retrieve(body: RetrieveRequest) -> Response:
         r = need()
         collection = body.collection or r.default_collection
@@ -148,7 +150,7 @@ def install_retrieval_routes(app: FastAPI, retrieval: Retrieval | None) -> None:
             raise APIError(400, str(exc)) from exc
         return json(RetrieveResponse(collection=collection, data=PassageOut.ranked(passages)))
 
-    @app.post("/v1/documents", response_model=IngestResponse)
+    @app.post("/v1/documents", response_model=IngestResponse, responses=errors(400, 404, 503))
     async def ingest(body: IngestRequest) -> Response:
         r = need()
         collection = body.collection or r.default_collection
@@ -158,18 +160,16 @@ def install_retrieval_routes(app: FastAPI, retrieval: Retrieval | None) -> None:
             raise APIError(400, str(exc)) from exc
         return json(IngestResponse.of(collection, report))
 
-    @app.delete("/v1/documents", response_model=DeleteResponse)
+    @app.delete("/v1/documents", response_model=DeleteResponse, responses=errors(400, 404, 503))
     async def delete(
-        source: list[str] = Query(min_length=1, description="A source to delete; repeat for several."),  # noqa: B008
+        source: list[Name] = Query(min_length=1, description="A source to delete; repeat for several."),  # noqa: B008
         collection: str | None = None,
     ) -> Response:
         r = need()
-        if any(not s.strip() for s in source):
-            raise APIError(400, "source: must not be empty", param="source")
         name = collection or r.default_collection
         return json(DeleteResponse(collection=name, deleted=await r.client.delete(source, name)))
 
-    @app.get("/v1/collections", response_model=CollectionList)
+    @app.get("/v1/collections", response_model=CollectionList, responses=errors(404, 503))
     async def collections() -> Response:
         found = await need().client.collections()
         return json(CollectionList(data=[CollectionOut(name=n, points=p) for n, p in found]))

@@ -21,16 +21,21 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from serving.api.fields import NOT_BLANK, json_int
 from serving.retrieval.ingest import Document, IngestReport
 from serving.retrieval.store import Passage
 
 MAX_TOP_K = 20  # passages per request: more would not fit a prompt anyway
 DEFAULT_TOP_K = 4
-Name = Annotated[str, StringConstraints(min_length=1, max_length=255, strip_whitespace=True)]
+Name = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=255, strip_whitespace=True),
+    Field(json_schema_extra={"pattern": NOT_BLANK}),
+]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # accept what the schema says (serving/api/fields.py)
 
 
 class SourceFilter(_Strict):
@@ -44,7 +49,7 @@ class SourceFilter(_Strict):
 class RetrievalOptions(_Strict):
     """The `retrieval` field of /v1/chat/completions and /v1/completions (an extension)."""
 
-    top_k: int = Field(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K, description="Passages fused into the prompt.")
+    top_k: json_int(ge=1, le=MAX_TOP_K) = Field(DEFAULT_TOP_K, description="Passages fused into the prompt.")
     collection: Name | None = Field(None, description="Collection to search; default: the server's.")
     required: bool = Field(
         False, description="true: fail with 503 when retrieval fails; false: answer without context and say so."
@@ -53,17 +58,12 @@ class RetrievalOptions(_Strict):
 
 
 class RetrieveRequest(_Strict):
-    query: str = Field(min_length=1, description="The text to search for.")
-    top_k: int = Field(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K)
+    query: Annotated[str, StringConstraints(min_length=1, strip_whitespace=True)] = Field(
+        description="The text to search for (not blank).", json_schema_extra={"pattern": NOT_BLANK}
+    )
+    top_k: json_int(ge=1, le=MAX_TOP_K) = Field(DEFAULT_TOP_K)
     collection: Name | None = Field(None, description="Default: the server's collection.")
     filter: SourceFilter | None = None
-
-    @field_validator("query")
-    @classmethod
-    def _query(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be blank")
-        return v
 
 
 class PassageOut(BaseModel):

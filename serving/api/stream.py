@@ -27,7 +27,9 @@ from serving.api.responses import (
     ChatCompletionChunk,
     CompletionChoice,
     CompletionChunk,
+    CompletionLogprobs,
     Delta,
+    PromptLogprobs,
     Usage,
 )
 from serving.api.retrieval_bodies import RetrievalInfo
@@ -87,25 +89,33 @@ def completion_events(
     logprobs: bool,
     include_usage: bool,
     retrieval: RetrievalInfo | None = None,
+    echo_logprobs: CompletionLogprobs | None = None,
+    prompt_logprobs: PromptLogprobs | None = None,
 ) -> AsyncIterator[str]:
-    """The /v1/completions stream; `echo` (the prompt text, or "") comes first."""
+    """The /v1/completions stream; `echo` (the prompt text, or "") comes first, with `echo_logprobs` (the
+    prompt's tokens) when asked for. `prompt_logprobs` (extension) goes on the first chunk with a choice."""
 
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None, **extra) -> str:
         body = CompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage, **extra)
         return _event(body)
 
     async def chunks() -> AsyncIterator[str]:
-        offset, last = len(echo), started.first
+        offset, last, pending = len(echo), started.first, prompt_logprobs
         if retrieval is not None:
             yield chunk([], retrieval=retrieval)
-        if echo:
-            yield chunk([CompletionChoice(text=echo)])
+        if echo or echo_logprobs is not None:
+            yield chunk([CompletionChoice(text=echo, logprobs=echo_logprobs, prompt_logprobs=pending)])
+            pending = None
         async for out in started:
             last = out
             lp = completion_logprobs(out.new_logprobs, texts, offset) if logprobs else None
             offset += sum(len(t) for t in lp.tokens) if lp else 0
-            if out.new_text or out.finished or lp:
-                yield chunk([CompletionChoice(text=out.new_text, logprobs=lp, finish_reason=out.finish_reason)])
+            if out.new_text or out.finished or lp or pending:
+                choice = CompletionChoice(
+                    text=out.new_text, logprobs=lp, finish_reason=out.finish_reason, prompt_logprobs=pending
+                )
+                yield chunk([choice])
+                pending = None
         if include_usage:
             yield chunk([], _usage(last))
 

@@ -63,6 +63,7 @@ class GenerationResult:
     text: str
     finish_reason: str | None
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # with SamplingParams.prompt_logprobs
 
 
 class LLMEngine:
@@ -179,7 +180,7 @@ class LLMEngine:
                 chunk.seq.scheduled = True
                 self._record(QUEUE, start - chunk.seq.arrival_time)
         try:
-            logits = self.runner.run(chunks)  # {seq: [V] float32} for sequences whose prompt is done
+            logits = self.runner.run(chunks)  # sample: {seq: [V] float32} for sequences whose prompt is done
         except Exception as e:  # the step's requests fail (their cache is freed); queued ones stay queued
             failed = [chunk.seq.request_id for chunk in chunks]
             for request_id in failed:
@@ -189,9 +190,10 @@ class LLMEngine:
         for chunk in chunks:
             seq = chunk.seq
             seq.num_cached += chunk.num_new
-            if seq not in logits:
+            seq.prompt_logprobs += logits.prompt_logprobs.get(seq, [])
+            if seq not in logits.sample:
                 continue  # mid-prefill: nothing to sample yet
-            outputs.append(self._append_token(seq, logits[seq]))
+            outputs.append(self._append_token(seq, logits.sample[seq]))
         self._record_step(time.perf_counter() - start, sum(c.num_new for c in chunks), len(outputs))
         return outputs
 
@@ -211,6 +213,9 @@ class LLMEngine:
 
     def _append_token(self, seq: Sequence, logits: torch.Tensor) -> RequestOutput:
         params = seq.params
+        if params.max_tokens == 0:  # prompt scoring: the prefill's prompt logprobs are the whole answer
+            seq.finish_reason = "length"
+            return self._output(seq, [], "", [])
         if params.seed is not None:
             seed_for_position(seq.generator, params.seed, len(seq.output_ids))
         token = sample(logits, params, seq.generator)
@@ -227,19 +232,26 @@ class LLMEngine:
             seq.finish_reason = "length"
         if seq.finish_reason is not None:
             text += stops.flush()
+        return self._output(seq, [token], text, new_logprobs)
+
+    def _output(self, seq: Sequence, new_ids: list[int], text: str, new_logprobs: list[TokenLogprobs]) -> RequestOutput:
+        """The step's output for `seq`; a finished sequence leaves the engine here."""
+        if seq.finish_reason is not None:
             seq.status = Status.FINISHED
             self._record(PROMPT_TOKENS, seq.num_prompt)
             self.scheduler.remove(seq)
             del self._seqs[seq.request_id], self._stops[seq.request_id]
+        first = len(seq.output_ids) == len(new_ids)  # the request's first output carries the prompt's logprobs
         return RequestOutput(
             request_id=seq.request_id,
-            new_token_ids=[token],
+            new_token_ids=new_ids,
             new_text=text,
             new_logprobs=new_logprobs,
             finished=seq.finish_reason is not None,
             finish_reason=seq.finish_reason,
             num_prompt_tokens=seq.num_prompt,
             num_output_tokens=len(seq.output_ids),
+            prompt_logprobs=list(seq.prompt_logprobs) if first and seq.params.prompt_logprobs is not None else None,
         )
 
     # -- offline use ------------------------------------------------------------------------------
@@ -258,4 +270,6 @@ class LLMEngine:
                 c.text += out.new_text
                 c.logprobs += out.new_logprobs
                 c.finish_reason = out.finish_reason
+                if out.prompt_logprobs is not None:
+                    c.prompt_logprobs = out.prompt_logprobs
         return [done[i] for i in ids]

@@ -1,22 +1,35 @@
 """The model runner owns the tensors of a step: it turns scheduled chunks into model inputs and
-returns the logits of the sequences that sample a token in this step.
+returns the logits of the sequences that sample a token in this step, and the logprobs of the prompt
+tokens that this step's prefill chunks score (SamplingParams.prompt_logprobs).
 
-Shape legend: T = tokens in the step, N = sequences sampling, D = hidden, V = vocabulary.
+Shape legend: T = tokens in the step, N = sequences sampling, R = prompt positions scored, D = hidden,
+V = vocabulary.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from serving.engine.kv_cache import BlockAllocator, KVCache
+from serving.engine.sampler import score_tokens
 from serving.engine.scheduler import ScheduledChunk
 from serving.engine.sequence import Sequence
+from serving.engine_client import TokenLogprobs
 from serving.experts.backend import ExpertBackend
 from serving.model.attention import AttentionMetadata, SequenceChunk
 from serving.model.decoder import MoEForCausalLM
+
+
+@dataclass
+class StepLogits:
+    """What a step's forward pass gives the engine."""
+
+    sample: dict[Sequence, Tensor] = field(default_factory=dict)  # [V] float32 on the host, per sequence sampling
+    prompt_logprobs: dict[Sequence, list[TokenLogprobs]] = field(default_factory=dict)  # next prompt tokens scored
 
 
 class ModelRunner:
@@ -24,28 +37,52 @@ class ModelRunner:
         self.model, self.experts, self.cache, self.allocator = model, experts, cache, allocator
 
     @torch.inference_mode()
-    def run(self, chunks: list[ScheduledChunk]) -> dict[Sequence, Tensor]:
+    def run(self, chunks: list[ScheduledChunk]) -> StepLogits:
         input_ids: list[int] = []
         seq_chunks, sample_rows, samplers = [], [], []
+        score_rows, scored_ids, scorers = [], [], []  # prompt positions whose logits score the next prompt token
         for chunk in chunks:
             seq, start = chunk.seq, chunk.seq.num_cached
             end = start + chunk.num_new
+            first_row = len(input_ids)
             input_ids.extend(seq.token_ids[start:end])
             seq_chunks.append(SequenceChunk(start, chunk.num_new, seq.blocks))
+            if positions := seq.positions_to_score(start, end):  # the prefill itself scores: no second pass
+                score_rows.extend(first_row + p - start for p in positions)
+                scored_ids.extend(seq.prompt_ids[p + 1] for p in positions)
+                scorers.append((seq, len(positions)))
             if end == len(seq.token_ids):  # prompt (or recompute) done: the last row picks the next token
                 sample_rows.append(len(input_ids) - 1)
                 samplers.append(seq)
         device = self.model.device
         # Host -> device: the step's token ids, the metadata (built on the host from block tables) and the
-        # rows to sample; small, and copied once per step.
+        # rows to sample and score; small, and copied once per step.
         meta = AttentionMetadata.build(seq_chunks, self.allocator.block_size, device)
         hidden = self.model(torch.tensor(input_ids, device=device), meta, self.cache.layers, self.experts)  # [T, D]
-        if not samplers:
-            return {}
-        logits = self.model.logits(hidden[torch.tensor(sample_rows, device=device)])  # [N, V]
-        # Device -> host, the step's one copy back: sampling runs on the host with each request's own CPU
-        # generator, so a seeded request gives the same tokens on any device, and token ids are needed there.
-        return dict(zip(samplers, logits.cpu(), strict=True))
+        out = StepLogits()
+        if samplers:
+            logits = self.model.logits(hidden[torch.tensor(sample_rows, device=device)])  # [N, V]
+            # Device -> host: sampling runs on the host with each request's own CPU generator, so a seeded
+            # request gives the same tokens on any device, and token ids are needed there.
+            out.sample = dict(zip(samplers, logits.cpu(), strict=True))
+        if scorers:
+            # Scored where they are computed, at most max_batched_tokens rows a step ([R, V] float32 is the
+            # peak); only logprobs, ranks and the top-N come back (score_tokens).
+            logits = self.model.logits(hidden[torch.tensor(score_rows, device=device)])  # [R, V]
+            top_n = max(seq.params.prompt_logprobs for seq, _ in scorers)
+            entries = iter(score_tokens(logits, torch.tensor(scored_ids, device=device), top_n))
+            for seq, n in scorers:
+                want = seq.params.prompt_logprobs
+                out.prompt_logprobs[seq] = [_keep_top(next(entries), want) for _ in range(n)]
+        return out
+
+
+def _keep_top(entry: TokenLogprobs, top_n: int) -> TokenLogprobs:
+    return (
+        entry
+        if len(entry.top) <= top_n
+        else TokenLogprobs(entry.token_id, entry.logprob, entry.top[:top_n], entry.rank)
+    )
 
 
 @torch.inference_mode()

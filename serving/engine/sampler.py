@@ -1,7 +1,7 @@
 """The sampler: one row of logits -> the next token, and the logprobs OpenAI reports.
 (The parameters, validated once, are serving/engine_client.py's SamplingParams.)
 
-Shape legend: V = vocabulary.
+Shape legend: R = scored rows, V = vocabulary.
 """
 
 from __future__ import annotations
@@ -48,9 +48,22 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -
 
 def token_logprobs(logits: Tensor, token_id: int, top_n: int) -> TokenLogprobs:
     """Log-probabilities under the model's raw distribution (before temperature and cuts), as OpenAI reports."""
-    logp = torch.log_softmax(logits, dim=-1)  # [V]
-    top = ()
-    if top_n:
-        values, ids = torch.topk(logp, top_n)
-        top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
-    return TokenLogprobs(token_id=token_id, logprob=float(logp[token_id]), top=top)
+    [entry] = score_tokens(logits[None], torch.tensor([token_id], device=logits.device), top_n)
+    return entry
+
+
+def score_tokens(logits: Tensor, token_ids: Tensor, top_n: int) -> list[TokenLogprobs]:
+    """Each row's token: its log-probability, its rank and the top_n best alternatives, from float32 logits
+    [R, V] and the token at each row [R]. Sampled tokens and prompt tokens go through this one function, so
+    a prompt token is given exactly what generating it would have given. Runs where the logits are; only
+    [R] and [R, top_n] numbers come back to the host."""
+    logp = torch.log_softmax(logits, dim=-1)  # [R, V]
+    chosen = logp.gather(1, token_ids[:, None])  # [R, 1]
+    ranks = (logp > chosen).sum(-1) + 1  # [R]: 1 for the most likely token
+    values, ids = torch.topk(logp, top_n)  # [R, top_n]
+    # Device -> host: the few numbers OpenAI reports, never the [R, V] rows.
+    chosen, ranks, values, ids = chosen[:, 0].tolist(), ranks.tolist(), values.tolist(), ids.tolist()
+    return [
+        TokenLogprobs(token_id=t, logprob=lp, top=tuple(zip(i, v, strict=True)), rank=r)
+        for t, lp, r, i, v in zip(token_ids.tolist(), chosen, ranks, ids, values, strict=True)
+    ]

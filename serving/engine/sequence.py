@@ -30,9 +30,20 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # With params.prompt_logprobs: one entry per prompt token scored so far; the first token has none (None).
+    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
+
+    def positions_to_score(self, start: int, end: int) -> range:
+        """Positions in [start, end) (a chunk about to run) whose logits score the prompt token after them and
+        that are not scored yet: a preempted sequence recomputes positions it has scored before."""
+        if self.params.prompt_logprobs is None:
+            return range(0)
+        return range(max(start, len(self.prompt_logprobs) - 1), min(end, self.num_prompt - 1))
 
     @property
     def num_prompt(self) -> int:

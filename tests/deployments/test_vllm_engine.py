@@ -143,6 +143,23 @@ def test_logprobs_agree(urls):
                                                                           abs=1e-4)  # fmt: skip
 
 
+@pytest.mark.parametrize("max_tokens", [0, 2], ids=["scoring only", "with generation"])
+def test_echo_prompt_logprobs_agree_across_ray_serve(urls, max_tokens):
+    """What lm-evaluation-harness sends: the prompt's logprobs cross Serve from each engine's replica."""
+    body = {"prompt": "Experts live on every shard", "echo": True, "logprobs": 2, "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "prompt_logprobs": 1}  # fmt: skip
+    native, vllm = both(urls, "completions", body)
+    assert native.status_code == vllm.status_code == 200, (native.text, vllm.text)
+    a, b = (r.json()["choices"][0] for r in (native, vllm))
+    assert a["text"] == b["text"] and a["logprobs"]["tokens"] == b["logprobs"]["tokens"]
+    assert a["logprobs"]["text_offset"] == b["logprobs"]["text_offset"]
+    assert a["logprobs"]["token_logprobs"][0] is None and b["logprobs"]["token_logprobs"][0] is None
+    assert a["logprobs"]["token_logprobs"][1:] == pytest.approx(b["logprobs"]["token_logprobs"][1:], abs=1e-4)
+    for x, y in zip(a["prompt_logprobs"][1:], b["prompt_logprobs"][1:], strict=True):
+        assert list(x) == list(y) and [v["rank"] for v in x.values()] == [v["rank"] for v in y.values()]
+    assert native.json()["usage"] == vllm.json()["usage"]
+
+
 @pytest.mark.parametrize(
     "route, body, status",
     [

@@ -12,7 +12,14 @@ import pytest
 from serving.engine.llm_engine import LLMEngine
 from serving.engine_client import EngineConfig, SamplingParams
 from serving.errors import ConfigError, RequestError
-from serving.vllm_engine import VLLMOptions, engine_args, require_vllm, to_token_logprobs, vllm_env
+from serving.vllm_engine import (
+    VLLMOptions,
+    engine_args,
+    require_vllm,
+    to_prompt_logprobs,
+    to_token_logprobs,
+    vllm_env,
+)
 from tests.polling import poll
 
 needs_vllm = pytest.mark.skipif(
@@ -47,6 +54,14 @@ def test_logprobs_keep_the_n_best_alternatives_best_first():
     got = to_token_logprobs(9, entries, top_n=2)
     assert (got.token_id, got.logprob, got.top) == (9, -3.0, ((3, -0.1), (7, -0.5)))
     assert to_token_logprobs(3, {3: lp(-0.1, 1)}, top_n=0).top == ()
+    assert got.rank == 4
+
+
+def test_prompt_logprobs_have_no_entry_for_the_first_token():
+    lp = lambda logprob, rank: SimpleNamespace(logprob=logprob, rank=rank)  # noqa: E731 (vLLM's Logprob)
+    first, second = to_prompt_logprobs([4, 8], [None, {8: lp(-2.0, 3), 1: lp(-0.2, 1)}], top_n=1)
+    assert first is None
+    assert (second.token_id, second.logprob, second.top, second.rank) == (8, -2.0, ((1, -0.2),), 3)
 
 
 @needs_vllm
@@ -62,6 +77,8 @@ def test_sampling_params_map_one_for_one():
     assert (theirs.stop, theirs.stop_token_ids, theirs.ignore_eos, theirs.logprobs) == (["a", "bc"], [5], True, 2)
     assert theirs.output_kind == RequestOutputKind.DELTA
     assert to_vllm_params(SamplingParams(temperature=0.7, top_k=4)).top_k == 4
+    scoring = to_vllm_params(SamplingParams(max_tokens=0, prompt_logprobs=3))
+    assert (scoring.max_tokens, scoring.prompt_logprobs) == (1, 3), "vLLM generates one token; ours drops it"
 
 
 @needs_vllm
@@ -131,3 +148,34 @@ def test_streams_match_the_native_engine_refuse_and_abort(vllm_engine, demo_dir)
                        "(250 in the prompt + 10 max_tokens)"  # fmt: skip
     assert outside == "prompt: token ids [5000] are outside the vocabulary [0, 1024)"
     assert aborted
+
+
+@needs_vllm
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_tokens=0, prompt_logprobs=2),
+        SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=1, prompt_logprobs=1),
+    ],
+    ids=["scoring only", "with generation"],
+)
+def test_prompt_logprobs_match_the_native_engine(vllm_engine, demo_dir, params):
+    engine, loop = vllm_engine
+    native = LLMEngine.from_pretrained(demo_dir)  # float32, as the vLLM engine
+    prompt = native.tokenizer.encode("Experts live on every shard; the router sends them rows")
+    [want] = native.generate_batch([prompt], params)
+
+    async def collect():
+        return [out async for out in engine.generate(prompt, params)]
+
+    outs = loop.run_until_complete(collect())
+    assert [t for o in outs for t in o.new_token_ids] == want.token_ids
+    assert outs[-1].finish_reason == want.finish_reason == "length"
+    assert all(o.prompt_logprobs is None for o in outs[1:]), "only the first output carries them"
+    got = outs[0].prompt_logprobs
+    assert len(got) == len(prompt) and got[0] is None
+    for ours, theirs in zip(want.prompt_logprobs[1:], got[1:], strict=True):
+        assert ours.token_id == theirs.token_id and ours.rank == theirs.rank
+        assert abs(ours.logprob - theirs.logprob) <= 1e-4
+        assert [t for t, _ in ours.top] == [t for t, _ in theirs.top]
+        assert [lp for _, lp in ours.top] == pytest.approx([lp for _, lp in theirs.top], abs=1e-4)

@@ -206,6 +206,74 @@ def test_completion_logprobs_have_openais_shape(app, reference):
     assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
 
 
+def test_echo_with_logprobs_scores_the_prompt_then_the_output(app, reference):
+    ids = reference.tokenizer.encode(PROMPT)
+    params = SamplingParams(max_tokens=4, temperature=0, logprobs=2, prompt_logprobs=2, ignore_eos=True)
+    [want] = reference.generate_batch([ids], params)
+    r = run(post(app, "/v1/completions", completion(echo=True, logprobs=2, max_tokens=4, ignore_eos=True)))
+    assert r.status_code == 200, r.text
+    [choice] = r.json()["choices"]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(ids) + 4
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None, "nothing predicts the first token"
+    assert lp["token_logprobs"][1:] == pytest.approx([e.logprob for e in want.prompt_logprobs[1:] + want.logprobs])
+    assert all(len(top) <= 3 for top in lp["top_logprobs"][1:]), "the 2 best and the token itself"
+    assert choice["text"] == PROMPT + want.text == "".join(lp["tokens"])
+    starts = [0]
+    for token in lp["tokens"][:-1]:
+        starts.append(starts[-1] + len(token))
+    assert lp["text_offset"] == starts, "each token starts where the previous one ended, from the prompt's start"
+    assert "prompt_logprobs" not in choice, "the extension field only when asked for"
+
+
+def test_max_tokens_zero_with_echo_scores_token_ids_without_generating(app, reference):
+    """What lm-evaluation-harness sends for loglikelihood: token ids, echo, logprobs, and no new tokens."""
+    ids = reference.tokenizer.encode(PROMPT)
+    [want] = reference.generate_batch([ids], SamplingParams(max_tokens=0, prompt_logprobs=1))
+
+    async def main():
+        client = openai_client(app)
+        return await client.completions.create(model=MODEL, prompt=ids, echo=True, logprobs=1, max_tokens=0)
+
+    result = run(main())
+    [choice] = result.choices
+    assert choice.text == reference.tokenizer.decode(ids) and choice.finish_reason == "length"
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (len(ids), 0)
+    assert choice.logprobs.token_logprobs[0] is None
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx([e.logprob for e in want.prompt_logprobs[1:]])
+
+
+def test_echo_logprobs_stream_like_the_whole_body(app):
+    fields = completion(echo=True, logprobs=1, max_tokens=3, ignore_eos=True, prompt_logprobs=2)
+    whole = run(post(app, "/v1/completions", fields)).json()["choices"][0]
+    streamed = run(post(app, "/v1/completions", {**fields, "stream": True}))
+    *events, done = sse_events(streamed.text)
+    choices = [json.loads(e)["choices"][0] for e in events]
+    assert choices[0]["text"] == PROMPT and choices[0]["logprobs"]["token_logprobs"][0] is None
+    assert choices[0]["prompt_logprobs"] == whole["prompt_logprobs"], "on the first chunk with a choice"
+    assert all("prompt_logprobs" not in c for c in choices[1:])
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [v for c in choices for v in c["logprobs"][key]] == whole["logprobs"][key], key
+    assert "".join(c["text"] for c in choices) == whole["text"]
+
+
+def test_prompt_logprobs_extension_has_vllms_shape(app, reference):
+    ids = reference.tokenizer.encode(PROMPT)
+    [want] = reference.generate_batch([ids], SamplingParams(max_tokens=0, prompt_logprobs=2))
+    r = run(post(app, "/v1/completions", completion(prompt=ids, max_tokens=0, prompt_logprobs=2)))
+    assert r.status_code == 200, r.text
+    [choice] = r.json()["choices"]
+    assert choice["text"] == "" and choice["logprobs"] is None
+    first, *rest = choice["prompt_logprobs"]
+    assert first is None and len(rest) == len(ids) - 1
+    for token_id, position, entry in zip(ids[1:], rest, want.prompt_logprobs[1:], strict=True):
+        assert list(position)[0] == str(token_id), "the prompt's own token first, keyed by its id"
+        assert position[str(token_id)]["logprob"] == pytest.approx(entry.logprob)
+        assert position[str(token_id)]["rank"] == entry.rank
+        assert {int(t) for t in position} == {token_id, *(t for t, _ in entry.top)}
+        assert all(set(v) == {"logprob", "rank", "decoded_token"} for v in position.values())
+
+
 def test_chat_logprobs_have_openais_shape(app):
     async def main():
         return await openai_client(app).chat.completions.create(
@@ -252,7 +320,11 @@ BAD_REQUESTS = [
     ("token id past vocab", "/v1/completions", completion(prompt=[10**6]), 400, "outside the vocabulary"),
     ("prompt too long", "/v1/completions", completion(prompt=LONG_TEXT), 400, "maximum context length"),
     ("chat prompt fills context", "/v1/chat/completions", {**chat(LONG_TEXT), "max_tokens": None}, 400, "fills"),
-    ("echo with logprobs", "/v1/completions", completion(echo=True, logprobs=1), 400, "echo with logprobs"),
+    ("max_tokens 0, nothing to score", "/v1/completions", completion(max_tokens=0), 400, "max_tokens: 0 only scores"),
+    ("max_tokens 0, echo alone", "/v1/completions", completion(max_tokens=0, echo=True), 400, "max_tokens: 0 only"),
+    ("negative max_tokens", "/v1/completions", completion(max_tokens=-1), 400, "max_tokens:"),
+    ("prompt_logprobs past 20", "/v1/completions", completion(prompt_logprobs=21), 400, "prompt_logprobs:"),
+    ("chat max_tokens 0", "/v1/chat/completions", {**chat(), "max_tokens": 0}, 400, "max_tokens:"),
     ("tool role", "/v1/chat/completions", {**chat(), "messages": [{"role": "tool", "content": "x"}]}, 400, "role"),
     (
         "image part",

@@ -278,6 +278,12 @@ def test_bad_retrieval_input_is_a_4xx_that_names_it(engine, service):
         ("/v1/chat/completions", chat(retrieval={"top_k": 2, "mode": "x"}), 400, "retrieval.mode"),
         ("/v1/chat/completions", chat(retrieval={"collection": "nope"}), 404, "nope"),
         ("/v1/completions", {"model": MODEL, "prompt": [1, 2], "retrieval": {}}, 400, "text prompt"),
+        (
+            "/v1/completions",
+            {"model": MODEL, "prompt": BEES, "echo": True, "logprobs": 1, "retrieval": {}},
+            400,
+            "prompt scoring",
+        ),  # fmt: skip
         ("/v1/documents", {"documents": []}, 400, "documents"),
         ("/v1/documents", {"documents": [{"source": "a", "text": "x"}, {"source": "a", "text": "y"}]}, 400, "twice"),
     ]

@@ -69,3 +69,9 @@ def test_resumed_tokens_must_leave_room_and_be_in_the_vocabulary(engine):
     with pytest.raises(RequestError, match=r"resumed_ids: token ids \[-1\] are outside"):
         engine.add_request([1, 2], params, resumed_ids=[-1])
     assert not engine.has_unfinished()
+
+
+def test_a_resumed_request_does_not_ask_for_prompt_logprobs_again(engine):
+    params = SamplingParams(max_tokens=4, temperature=0.0, prompt_logprobs=1)
+    with pytest.raises(RequestError, match="the first output carried them already"):
+        engine.add_request([1, 2], params, resumed_ids=[5])
