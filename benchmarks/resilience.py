@@ -124,29 +124,31 @@ def run_scenario(
     users: int,
     duration_s: float,
     fault_at_s: float,
-    remove_node: Callable[[], None] | None = None,
+    remove_node: Callable[[], str] | None = None,
 ) -> Result:
     """Locust against `url` for `duration_s`; at `fault_at_s` one replica of the scenario's deployment is
     killed (or, for the node scenario, `remove_node()` removes a worker node)."""
-    from deployments.faults import kill_replica, replica_nodes, replica_pids
+    from deployments.faults import kill_replica, replica_nodes
 
     workload = Workload(prompt_words=(8, 24), max_tokens=32, ignore_eos=True, rag=scenario.rag, chat_fraction=0.5)
     test = LoadTest(url=url, out=out, users=users, duration_s=duration_s, grace_s=30.0, workload=workload)
     locust = threading.Thread(target=run_loadtest, args=(test,), daemon=True)
     watched = [scenario.deployment] if scenario.deployment else list(WATCHED)
-    replicas = {d: len(replica_pids(app, d)) for d in watched}
+    replicas = {d: len(replica_nodes(app, d)) for d in watched}
     nodes_before = {d: len(set(replica_nodes(app, d))) for d in watched}
     locust.start()
     time.sleep(fault_at_s)
     fault_at = time.time()
+    gone = None  # the removed node: its replicas may answer for a moment before they die with it
     if scenario.deployment is not None:
         kill_replica(app, scenario.deployment)
     else:
         assert remove_node is not None, "the node scenario needs a node to remove"
-        remove_node()
+        gone = remove_node()
     replicas_back_s = None
     while locust.is_alive() or replicas_back_s is None:
-        if replicas_back_s is None and all(len(replica_pids(app, d)) >= n for d, n in replicas.items()):
+        live = {d: [n for n in replica_nodes(app, d) if n != gone] for d in watched}
+        if replicas_back_s is None and all(len(live[d]) >= n for d, n in replicas.items()):
             replicas_back_s = time.time() - fault_at
         if time.time() - fault_at > 300:
             break
@@ -234,7 +236,7 @@ def soak(url: str, app: str, out: Path, users: int, minutes: float, warmup_s: fl
 
 
 @contextmanager
-def local_cluster(multinode: bool) -> Iterator[tuple[str, Callable[[], None] | None]]:
+def local_cluster(multinode: bool) -> Iterator[tuple[str, Callable[[], str] | None]]:
     """A Ray cluster on this machine with Serve's proxy on 127.0.0.1: one node, or (multinode) a head that
     runs the Ingress and two worker nodes advertising WORKER, with a function that removes one of them."""
     import ray
@@ -254,8 +256,9 @@ def local_cluster(multinode: bool) -> Iterator[tuple[str, Callable[[], None] | N
         workers = [cluster.add_node(num_cpus=8, resources={WORKER: 10}, object_store_memory=store) for _ in range(2)]
         ray.init(address=cluster.address, runtime_env=env, log_to_driver=False)
 
-        def remove_node() -> None:
+        def remove_node() -> str:
             cluster.remove_node(workers[0], allow_graceful=False)  # its raylet and every process on it die
+            return workers[0].node_id
 
     else:
         ray.init(address="local", num_cpus=16, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False,

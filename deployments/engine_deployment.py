@@ -49,7 +49,7 @@ class NativeEngineFactory:
         from serving.experts.kernels import kernel_of
         from serving.experts.loading import load_experts
         from serving.experts.local import LocalExpertBackend
-        from serving.experts.sharded import RetryPolicy, ShardedExpertBackend
+        from serving.experts.sharded import RetryPolicy, ShardedExpertBackend, shard_version
         from serving.metrics import EXPERT_KERNEL
         from serving.model.decoder import load_model
         from serving.model.device import resolve_device
@@ -68,8 +68,9 @@ class NativeEngineFactory:
             experts = LocalExpertBackend(layers)
         else:  # the shards run the experts (and record their kernel)
             failover = cfg.failover
+            versions = [shard_version(cfg.model, s, ids) for s, ids in enumerate(self.placement.shards)]
             transport = HandleTransport(
-                self.shards, sink, name, failover.shard_call_timeout_s, failover.shard_hedge_after_s
+                self.shards, sink, name, failover.shard_call_timeout_s, failover.shard_hedge_after_s, versions
             )
             policy = RetryPolicy(wait_s=failover.shard_wait_s)
             experts = ShardedExpertBackend(self.placement, transport, policy, sink, name)

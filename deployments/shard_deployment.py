@@ -16,9 +16,10 @@ from torch import Tensor
 
 from deployments.metrics import RaySink
 from serving.engine_client import EngineConfig
+from serving.errors import StalePlacementError
 from serving.experts.kernels import kernel_of
 from serving.experts.loading import load_experts
-from serving.experts.sharded import ShardCall, run_shard_call
+from serving.experts.sharded import ShardCall, run_shard_call, shard_version
 from serving.metrics import EXPERT_KERNEL
 from serving.model.checkpoint import Checkpoint
 from serving.model.config import ModelConfig
@@ -38,6 +39,7 @@ class ExpertShard:
         model_name: str | None = None,
     ):
         self.shard_id, self.expert_ids = shard_id, list(expert_ids)
+        self.version = shard_version(model_path, shard_id, self.expert_ids)
         config = EngineConfig.model_validate(engine_config)
         replica = serve.get_replica_context().replica_tag
         self.device = resolve_device(config.device, accelerator, f"ExpertShard-{shard_id} replica {replica}")
@@ -52,8 +54,14 @@ class ExpertShard:
         RaySink().record(EXPERT_KERNEL, 1, labels)
 
     @torch.inference_mode()  # here, not in __init__: grad mode is per thread, and Serve may call from another
-    def run(self, layer: int, call: ShardCall) -> Tensor:
-        """Weighted partial sums [R_s, D] of this shard's experts over the rows it was sent, on the host."""
+    def run(self, layer: int, call: ShardCall, version: str | None = None) -> Tensor:
+        """Weighted partial sums [R_s, D] of this shard's experts over the rows it was sent, on the host.
+        `version`: the router's shard_version for this shard; another one is refused (StalePlacementError)."""
+        if version is not None and version != self.version:
+            raise StalePlacementError(
+                f"ExpertShard-{self.shard_id} (version {self.version}, experts {self.expert_ids}) got a call for "
+                f"version {version}: the router and this replica are of different app versions"
+            )
         # Host -> device on arrival, device -> host for the reply (Serve pickles it back to the router).
         return run_shard_call(self.layers, layer, call.to(self.device)).cpu()
 
@@ -69,4 +77,5 @@ class ExpertShard:
             "device": str(self.device),
             "expert_bytes": sum(layer.nbytes for layer in self.layers.values()),
             "expert_kernel": self.kernel,
+            "version": self.version,
         }

@@ -11,7 +11,10 @@ What a dead or slow replica costs here (the backend, serving/experts/sharded.py,
   busy one if it can tell), and the first answer wins;
 - a call no replica took (the shard has none up) or none answered within `call_timeout_s` is
   ShardFailure("timeout").
-An exception the shard's own code raised is not retried: it propagates and fails the step.
+- a call a replica of another app version refuses (StalePlacementError: a rolling update is under way)
+  is ShardFailure("stale"), retried like the others, so rows are never computed by another placement's
+  experts;
+An exception the shard's own code raised otherwise is not retried: it propagates and fails the step.
 `probe(shard)` asks a shard that failed whether a replica answers again (ExpertShard.ping), off the hot path.
 """
 
@@ -25,6 +28,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 from torch import Tensor
 
+from serving.errors import StalePlacementError
 from serving.experts.sharded import ShardCall, ShardFailure
 from serving.metrics import DISPATCH, SHARD_HEDGES, SHARD_TIMEOUTS, MetricsSink, NullSink
 
@@ -48,8 +52,10 @@ class HandleTransport:
         model: str = "model",
         call_timeout_s: float = 5.0,
         hedge_after_s: float | None = None,
+        versions: list[str] | None = None,
     ):
         self.handles = handles  # shard id -> handle of ExpertShard-<id>
+        self.versions = versions  # shard id -> its shard_version, sent with every call (None: unchecked)
         self.metrics, self.model = metrics or NullSink(), model
         self.call_timeout_s, self.hedge_after_s = call_timeout_s, hedge_after_s
 
@@ -58,7 +64,7 @@ class HandleTransport:
         # node), one copy per shard call; each ExpertShard moves the rows to its own device on arrival.
         now = time.perf_counter()
         open_calls = {shard: _Call(shard, call.to("cpu"), now) for shard, call in calls.items()}
-        responses = {shard: self.handles[shard].run.remote(layer, c.call) for shard, c in open_calls.items()}
+        responses = {shard: self._send(shard, layer, c.call) for shard, c in open_calls.items()}
         results: dict[int, Tensor | ShardFailure] = {}
         owner: dict = {}  # object ref -> its _Call
         for shard, response in responses.items():
@@ -70,6 +76,10 @@ class HandleTransport:
                 self._collect(ref, owner, results)
             self._hedge_or_expire(layer, open_calls, owner, results)
         return results
+
+    def _send(self, shard: int, layer: int, call: ShardCall):
+        version = None if self.versions is None else self.versions[shard]
+        return self.handles[shard].run.remote(layer, call, version)
 
     def probe(self, shard: int, timeout_s: float) -> bool:
         """Whether a replica of `shard` answers a ping within `timeout_s`."""
@@ -103,9 +113,13 @@ class HandleTransport:
             return  # the other attempt answered first
         try:
             value = ray.get(ref)
-        except (ActorDiedError, ActorUnavailableError) as e:
-            if isinstance(e, RayTaskError):  # the shard's own code failed: not a replica loss
+        except RayTaskError as e:  # the shard's own code raised
+            if not isinstance(e.cause, StalePlacementError):
                 raise
+            if not c.refs:
+                results[c.shard] = ShardFailure("stale", str(e.cause))
+            return
+        except (ActorDiedError, ActorUnavailableError) as e:
             if not c.refs:  # no other attempt of this call is still running
                 results[c.shard] = ShardFailure("gone", type(e).__name__)
             return
@@ -141,4 +155,4 @@ class HandleTransport:
             elif self.hedge_after_s is not None and not c.hedged and now >= c.sent_at + self.hedge_after_s:
                 c.hedged = True
                 self.metrics.record(SHARD_HEDGES, 1, labels)
-                self._track(c, self.handles[shard].run.remote(layer, c.call), owner, results)
+                self._track(c, self._send(shard, layer, c.call), owner, results)

@@ -45,3 +45,9 @@ class StepFailedError(RuntimeError):
     def __init__(self, request_ids: list[str], cause: BaseException):
         super().__init__(f"an engine step with {len(request_ids)} requests failed: {cause}")
         self.request_ids, self.cause = list(request_ids), cause
+
+
+class StalePlacementError(RuntimeError):
+    """A shard call meant for another placement or checkpoint (a router and a shard replica of different app
+    versions, during a rolling update): the shard refuses it rather than compute the rows with the wrong
+    experts; the router's transport retries it elsewhere (serving/experts/sharded.py)."""

@@ -19,8 +19,10 @@ in the background (`transport.probe`) finds a replica up again, so they never wa
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -54,8 +56,15 @@ class ShardFailure:
     """A shard call that gave no result: its replica died or was unreachable, no replica took it, or it
     timed out. The backend tries again; an error the shard itself raised is not a ShardFailure."""
 
-    reason: Literal["gone", "unavailable", "timeout"]
+    reason: Literal["gone", "unavailable", "timeout", "stale"]
     detail: str = ""
+
+
+def shard_version(model_path: str, shard: int, expert_ids: Sequence[int]) -> str:
+    """What a router and a shard replica must agree on: the checkpoint and the experts the shard holds.
+    Every call carries the router's version for that shard; a replica of another version refuses it."""
+    key = f"{model_path}|{shard}|{','.join(map(str, sorted(expert_ids)))}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 class ShardTransport(Protocol):

@@ -21,7 +21,7 @@ class SleepyShard:
     def __init__(self, delay_s: float, factor: float):
         self.delay_s, self.factor = delay_s, factor
 
-    def run(self, layer: int, call: ShardCall) -> torch.Tensor:
+    def run(self, layer: int, call: ShardCall, version: str | None = None) -> torch.Tensor:
         time.sleep(self.delay_s)
         return call.hidden * self.factor
 
@@ -74,7 +74,7 @@ class SlowFirstCall:
     def __init__(self):
         self.calls = itertools.count()
 
-    def run(self, layer: int, call: ShardCall) -> torch.Tensor:
+    def run(self, layer: int, call: ShardCall, version: str | None = None) -> torch.Tensor:
         if next(self.calls) == 0:
             time.sleep(3.0)
         return call.hidden * 2
@@ -97,3 +97,26 @@ def test_a_slow_attempt_is_hedged_and_the_first_answer_wins(serve_url):
         assert sink.values("moe_shard_hedges_total") == [1]
     finally:
         serve.delete("transport-hedge")
+
+
+def test_a_call_for_another_app_version_is_refused_as_stale_not_computed(serve_url, demo_dir):
+    """The real ExpertShard refuses a call carrying another version (a router of another placement or
+    checkpoint, mid rolling update), and the transport reports it as a retryable ShardFailure."""
+    from deployments.shard_deployment import ExpertShard
+    from serving.experts.sharded import shard_version
+
+    handle = serve.run(
+        ExpertShard.options(ray_actor_options={"num_cpus": 0.1}).bind(str(demo_dir), 0, [0, 1, 2, 3], {}, "cpu"),
+        name="transport-stale", route_prefix=None,
+    )  # fmt: skip
+    try:
+        call = ShardCall(torch.ones(2, 128), torch.tensor([0, 1]), torch.tensor([0, 3]), torch.ones(2))
+        right = shard_version(str(demo_dir), 0, [0, 1, 2, 3])
+        wrong = shard_version(str(demo_dir), 0, [0, 1, 2])  # what a router of another placement sends
+        ok = HandleTransport([handle], versions=[right]).run(1, {0: call})
+        assert ok[0].shape == (2, 128)
+        stale = HandleTransport([handle], versions=[wrong]).run(1, {0: call})
+        assert isinstance(stale[0], ShardFailure) and stale[0].reason == "stale", stale
+        assert "different app versions" in stale[0].detail
+    finally:
+        serve.delete("transport-stale")
