@@ -126,26 +126,18 @@ def wait_replicas(app: str, deployment: str, count: int) -> None:
     )
 
 
-def test_killing_one_of_two_routers_under_load_loses_no_request(redundant_app, greedy_texts):
+@pytest.mark.parametrize("deployment", ["Router", "ExpertShard-0"])
+def test_killing_one_of_two_replicas_under_load_loses_no_request(redundant_app, greedy_texts, deployment):
+    """A dead router's streams move to the other router; a dead shard replica's calls are retried on its twin."""
     url, name = redundant_app
     killed = []
-    fault = lambda: killed.append(kill_replica(name, "Router"))  # noqa: E731
-    outcomes = run_load(url, users=6, seconds=10, fault_at=2.0, fault=fault)
-    assert killed and len(outcomes) >= 12
-    check_nothing_lost(outcomes, greedy_texts)
-    wait_replicas(name, "Router", 2)  # Serve restarts it; the next test starts whole
-
-
-def test_killing_one_of_two_shard_replicas_under_load_loses_no_request(redundant_app, greedy_texts):
-    url, name = redundant_app
-    killed = []
-    fault = lambda: killed.append(kill_replica(name, "ExpertShard-0"))  # noqa: E731
+    fault = lambda: killed.append(kill_replica(name, deployment))  # noqa: E731
     outcomes = run_load(url, users=6, seconds=10, fault_at=2.0, fault=fault)
     assert killed and len(outcomes) >= 12
     check_nothing_lost(outcomes, greedy_texts)
     longest = max(g for o in outcomes for g in o.gaps)
-    assert longest < 5.0, f"a stream stalled {longest:.1f} s (a retry on the twin replica should take well under 1 s)"
-    wait_replicas(name, "ExpertShard-0", 2)
+    assert longest < 5.0, f"a stream stalled {longest:.1f} s (a migration or a retry takes well under 1 s)"
+    wait_replicas(name, deployment, 2)  # Serve restarts it; the next test starts whole
 
 
 @pytest.mark.parametrize("scenario", ["shard-replica", "router"])
