@@ -20,12 +20,12 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 
 from benchmarks.engine import build_checkpoint
 from benchmarks.report import machine_meta, write_report
+from deployments.local_cluster import deploy_app, free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -66,28 +66,15 @@ def serving_checkpoint(name: str, root: Path) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def deploy(serve_url: str, model: Path, name: str, engine: str, dtype: str, vllm_eager: bool) -> str:
     """One engine's app on `model`; returns its base URL."""
-    from ray import serve
-
-    from deployments.app import build_app
-    from deployments.local_cluster import wait_ready
-
     app, engine_config = ENGINES[engine]
     args = {"model": str(model), "served_model_name": name, "ingress_resources": {"num_cpus": 0.25},
             "engine_config": {"dtype": dtype, "kv_cache_mb": 1024, "max_running": 64, **engine_config},
             **app}  # fmt: skip
     if engine == "vllm" and vllm_eager:
         args["vllm"] = {"enforce_eager": True}
-    serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
-    wait_ready(f"{serve_url}/{name}", timeout_s=900)
-    return f"{serve_url}/{name}"
+    return deploy_app(serve_url, name, args, timeout_s=900)
 
 
 def run_cell(url: str, users: int, args: argparse.Namespace, out: Path) -> dict:

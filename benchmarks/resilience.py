@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -40,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.report import machine_meta, write_report
+from deployments.local_cluster import deploy_app, free_port
 from loadtests.runner import LoadTest, read_records, run_loadtest
 from loadtests.summary import Record
 from loadtests.workload import Workload
@@ -95,25 +95,6 @@ class Result:
     @property
     def failed(self) -> list[Record]:
         return [r for r in self.records if not r.ok]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def deploy(serve_url: str, name: str, args: dict[str, Any]) -> str:
-    """Deploy an app under /name on a running Serve instance; returns its URL once it answers."""
-    from ray import serve
-
-    from deployments.app import build_app
-    from deployments.local_cluster import wait_ready
-
-    serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
-    url = f"{serve_url}/{name}"
-    wait_ready(url, timeout_s=300)
-    return url
 
 
 def run_scenario(
@@ -303,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     if args.soak:
         with local_cluster(multinode=False) as (serve_url, _):
-            url = deploy(serve_url, "soak", {**base, "shards": 2})
+            url = deploy_app(serve_url, "soak", {**base, "shards": 2})
             result = soak(url, "soak", out / "soak", args.users, args.soak_minutes)
         growth = {k: end / start - 1 for k, (start, end) in result.rss.items()}
         rows.append({"scenario": f"soak {args.soak_minutes:g} min, {args.users} users",
@@ -319,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
             if scenario.rag:
                 app["retrieval"] = {"store_path": str(out / "qdrant"), "ingest_on_start": ["README.md", "docs"]}
             with local_cluster(multinode=scenario.deployment is None) as (serve_url, remove_node):
-                url = deploy(serve_url, name, app)
+                url = deploy_app(serve_url, name, app)
                 result = run_scenario(
                     url, name, scenario, out / name, args.users, args.duration, args.fault_at, remove_node
                 )

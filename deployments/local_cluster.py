@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import socket
 import threading
 import time
 import urllib.request
@@ -28,6 +29,26 @@ def load_args(config_file: str | None) -> dict[str, Any]:
     if not apps:
         raise SystemExit(f"{config_file}: no applications: block")
     return dict(apps[0].get("args") or {})
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a Serve proxy or a metrics endpoint)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deploy_app(serve_url: str, name: str, args: dict[str, Any], timeout_s: float = 300.0) -> str:
+    """Deploy the app of `args` under /name on the running Serve instance at `serve_url` (its own route
+    prefix, so apps on one proxy never share traffic); returns the app's URL once it answers."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
+    url = f"{serve_url}/{name}"
+    wait_ready(url, timeout_s=timeout_s)
+    return url
 
 
 def wait_ready(url: str, timeout_s: float = 300.0) -> None:

@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from deployments.local_cluster import free_port
 
 
 @pytest.fixture(scope="session")

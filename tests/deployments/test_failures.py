@@ -21,9 +21,8 @@ import pytest
 from ray import serve
 
 from benchmarks.resilience import SCENARIOS, analyse, run_scenario
-from deployments.app import build_app
 from deployments.faults import kill_replica, replica_pids
-from deployments.local_cluster import wait_ready
+from deployments.local_cluster import deploy_app
 from serving.engine.llm_engine import LLMEngine
 from serving.engine_client import SamplingParams
 from tests.polling import poll
@@ -90,10 +89,7 @@ def run_load(url: str, users: int, seconds: float, fault_at: float, fault) -> li
 
 def deploy(serve_url: str, args: dict) -> tuple[str, str]:
     name = f"faults{next(_names)}"
-    serve.run(build_app({"served_model_name": "demo", **args}), name=name, route_prefix=f"/{name}", blocking=False)
-    url = f"{serve_url}/{name}"
-    wait_ready(url, timeout_s=240)
-    return url, name
+    return deploy_app(serve_url, name, {"served_model_name": "demo", **args}, timeout_s=240), name
 
 
 @pytest.fixture(scope="module")

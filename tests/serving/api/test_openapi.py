@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ import httpx
 import pytest
 import uvicorn
 
+from deployments.local_cluster import free_port
 from serving.api.app import build_api
 from serving.api.retrieval import Retrieval
 from serving.tokenizer import Tokenizer
@@ -40,12 +40,6 @@ def make_app(tokenizer_dir):
         engine, tokenizer, MODEL, max_model_len=MAX_MODEL_LEN, api_keys=frozenset({API_KEY}),
         admin_keys=frozenset({ADMIN_KEY}), retrieval=Retrieval(MemoryRetriever(), "docs"), max_body_bytes=1 << 16,
     )  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
