@@ -140,6 +140,8 @@ def check_request(prompt_ids: list[int], params: SamplingParams, vocab_size: int
 
 def check_resumed(resumed_ids: list[int], params: SamplingParams, vocab_size: int) -> None:
     """Raise RequestError unless `resumed_ids` (output tokens a migrated request already has) can be resumed."""
+    if not resumed_ids:
+        return  # a new request
     if len(resumed_ids) >= params.max_tokens:
         raise RequestError(f"resumed_ids: {len(resumed_ids)} tokens leave nothing of max_tokens={params.max_tokens}")
     if bad := [t for t in resumed_ids if not 0 <= t < vocab_size]:

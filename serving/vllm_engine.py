@@ -187,8 +187,7 @@ class AsyncVLLMEngine:
 
         check_request(prompt_ids, params, self.vocab_size, self.max_model_len)
         resumed = list(resumed_ids)
-        if resumed:
-            check_resumed(resumed, params, self.vocab_size)
+        check_resumed(resumed, params, self.vocab_size)
         if self.llm.errored:
             raise EngineStoppedError("the vLLM engine has stopped")
         vllm_params = to_vllm_params(replace(params, max_tokens=params.max_tokens - len(resumed)))

@@ -126,8 +126,7 @@ class LLMEngine:
         the new tokens), and are not output again."""
         self.check_request(prompt_ids, params)
         resumed = list(resumed_ids)
-        if resumed:
-            check_resumed(resumed, params, self.model_config.vocab_size)
+        check_resumed(resumed, params, self.model_config.vocab_size)
         if self.num_waiting >= self.config.max_waiting:
             raise EngineOverloadedError(
                 f"{self.num_waiting} requests are waiting (max_waiting={self.config.max_waiting}); retry later"

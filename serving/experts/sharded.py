@@ -53,10 +53,11 @@ class ShardCall:
 
 @dataclass(frozen=True)
 class ShardFailure:
-    """A shard call that gave no result: its replica died or was unreachable, no replica took it, or it
-    timed out. The backend tries again; an error the shard itself raised is not a ShardFailure."""
+    """A shard call that gave no result: its replica died or was unreachable ("gone"), no replica took or
+    answered it in time ("timeout"), or a replica of another app version refused it ("stale"). The backend
+    tries again; any other error the shard itself raised is not a ShardFailure."""
 
-    reason: Literal["gone", "unavailable", "timeout", "stale"]
+    reason: Literal["gone", "timeout", "stale"]
     detail: str = ""
 
 

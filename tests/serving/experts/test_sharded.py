@@ -178,7 +178,7 @@ def test_replicated_experts_are_split_by_load_between_their_holders():
 def test_a_shard_down_past_the_bound_fails_the_layer_with_engine_unavailable():
     placement = Placement.contiguous(E, 2)
     shards = {s: {LAYER: experts(placement.experts_of(s))} for s in range(2)}
-    transport = FlakyTransport(shards, fails={1: 10**6}, reason="unavailable")
+    transport = FlakyTransport(shards, fails={1: 10**6}, reason="timeout")
     backend = ShardedExpertBackend(placement, transport, RetryPolicy(wait_s=0.2, pause_s=0.01))
     hidden, weights, ids = _layer_inputs()
     start = time.monotonic()
