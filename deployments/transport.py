@@ -107,10 +107,10 @@ class HandleTransport:
         owner[ref] = c
 
     def _collect(self, ref, owner: dict, results: dict) -> None:
+        # A ref still in `owner` belongs to a call with no result yet: an answer or a timeout takes every
+        # attempt of its call out of `owner`.
         c = owner.pop(ref)
         c.refs.remove(ref)
-        if c.shard in results and not isinstance(results[c.shard], ShardFailure):
-            return  # the other attempt answered first
         try:
             value = ray.get(ref)
         except RayTaskError as e:  # the shard's own code raised
@@ -123,7 +123,7 @@ class HandleTransport:
             if not c.refs:  # no other attempt of this call is still running
                 results[c.shard] = ShardFailure("gone", type(e).__name__)
             return
-        results[c.shard] = value  # a shard's own error surfaces above as RayTaskError, and fails the step
+        results[c.shard] = value
         for other in c.refs:  # a hedge that lost: its answer is not needed
             owner.pop(other, None)
         c.refs.clear()
