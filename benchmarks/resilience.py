@@ -20,11 +20,15 @@ Scenarios (the app is the demo model, 2 expert shards, streaming, ignore_eos):
     node            a worker node removed (its raylet and every process on it) from a 3-node
                     `ray.cluster_utils.Cluster`; routers and shard replicas pinned to the 2 worker nodes
                     by a custom resource, as KubeRay worker groups advertise them -> 0 failed
+    rolling-update  the app deployed again with a new checkpoint path (a copy of the same weights) and a
+                    new shard resource, as `serve deploy` of a changed config does: every deployment
+                    is replaced one replica at a time -> 0 failed
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import tempfile
@@ -34,7 +38,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -53,19 +57,23 @@ ON_WORKERS = {"resources": {WORKER: 1}}
 class Scenario:
     name: str
     app: dict[str, Any]  # AppConfig fields on top of the demo model's
-    deployment: str | None  # the deployment one of whose replicas is killed; None: a worker node is removed
+    fault: Literal["kill", "remove-node", "update"]
+    deployment: str | None = None  # kill: the deployment one of whose replicas is killed
     rag: bool = False
     expect: str = "0 failed"
+    min_duration_s: float = 0.0  # load at least this long (an update replaces every replica, one by one)
 
 
 SCENARIOS = {
     s.name: s
     for s in [
-        Scenario("shard-replica", {"shards": 2, "shard_replicas": 2}, "ExpertShard-0"),
-        Scenario("shard-only", {"shards": 2}, "ExpertShard-1"),
-        Scenario("router", {"shards": 2, "routers": 2}, "Router"),
-        Scenario("router-only", {"shards": 2, "failover": {"router_wait_s": 3.0}}, "Router", expect="503 only"),
-        Scenario("retriever", {"shards": 2}, "Retriever", rag=True),
+        Scenario("shard-replica", {"shards": 2, "shard_replicas": 2}, "kill", "ExpertShard-0"),
+        Scenario("shard-only", {"shards": 2}, "kill", "ExpertShard-1"),
+        Scenario("router", {"shards": 2, "routers": 2}, "kill", "Router"),
+        Scenario(
+            "router-only", {"shards": 2, "failover": {"router_wait_s": 3.0}}, "kill", "Router", expect="503 only"
+        ),  # fmt: skip
+        Scenario("retriever", {"shards": 2}, "kill", "Retriever", rag=True),
         Scenario(
             "node",
             {
@@ -76,8 +84,9 @@ SCENARIOS = {
                 "shard_resources": {"num_cpus": 0.5, **ON_WORKERS},
                 "ingress_resources": {"resources": {HEAD: 1}},
             },
-            None,
+            "remove-node",
         ),  # fmt: skip
+        Scenario("rolling-update", {"shards": 2, "routers": 2}, "update", min_duration_s=90.0),
     ]
 }
 WATCHED = ("Router", "ExpertShard-0", "ExpertShard-1")  # what a removed node takes with it
@@ -90,7 +99,7 @@ class Result:
     fault_at: float  # unix time of the kill
     replicas_back_s: float | None  # kill -> the deployment has as many replicas as before
     nodes_before: dict[str, int] = field(default_factory=dict)  # deployment -> nodes its replicas ran on
-    rss: dict[str, tuple[int, int]] = field(default_factory=dict)  # soak: replica -> (after warm-up, end) bytes
+    rss: dict[str, list[int]] = field(default_factory=dict)  # soak: replica -> RSS bytes, every RSS_EVERY_S
 
     @property
     def failed(self) -> list[Record]:
@@ -106,9 +115,10 @@ def run_scenario(
     duration_s: float,
     fault_at_s: float,
     remove_node: Callable[[], str] | None = None,
+    update: Callable[[], None] | None = None,
 ) -> Result:
     """Locust against `url` for `duration_s`; at `fault_at_s` one replica of the scenario's deployment is
-    killed (or, for the node scenario, `remove_node()` removes a worker node)."""
+    killed, or `remove_node()` removes a worker node, or `update()` deploys the app's new version."""
     from deployments.faults import kill_replica, replica_nodes
 
     workload = Workload(prompt_words=(8, 24), max_tokens=32, ignore_eos=True, rag=scenario.rag, chat_fraction=0.5)
@@ -121,20 +131,60 @@ def run_scenario(
     time.sleep(fault_at_s)
     fault_at = time.time()
     gone = None  # the removed node: its replicas may answer for a moment before they die with it
-    if scenario.deployment is not None:
+    if scenario.fault == "kill":
+        assert scenario.deployment is not None, f"{scenario.name}: a kill needs a deployment"
         kill_replica(app, scenario.deployment)
-    else:
+    elif scenario.fault == "remove-node":
         assert remove_node is not None, "the node scenario needs a node to remove"
         gone = remove_node()
+    else:
+        assert update is not None, "the update scenario needs the new version to deploy"
+        update()
     replicas_back_s = None
     while locust.is_alive() or replicas_back_s is None:
-        live = {d: [n for n in replica_nodes(app, d) if n != gone] for d in watched}
-        if replicas_back_s is None and all(len(live[d]) >= n for d, n in replicas.items()):
+        if scenario.fault == "update":
+            back = app_running(app)  # every deployment on the new version, healthy
+        else:
+            live = {d: [n for n in replica_nodes(app, d) if n != gone] for d in watched}
+            back = all(len(live[d]) >= n for d, n in replicas.items())
+        if replicas_back_s is None and back:
             replicas_back_s = time.time() - fault_at
         if time.time() - fault_at > 300:
             break
         locust.join(timeout=0.5)
     return Result(scenario.name, read_records(out / "requests.jsonl"), fault_at, replicas_back_s, nodes_before)
+
+
+def new_version(app: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The rolling update's config: the checkpoint at a new path (the same weights, so outputs must not
+    change) and one more tenth of a CPU per shard replica."""
+    copy = out / "demo-mixtral-v2"
+    if not (copy / "config.json").exists():
+        shutil.copytree(app["model"], copy, dirs_exist_ok=True)
+    shards = dict(app.get("shard_resources") or {"num_cpus": 0.5})
+    shards["num_cpus"] = round(shards.get("num_cpus", 0.5) + 0.1, 2)
+    return {**app, "model": str(copy.resolve()), "shard_resources": shards}
+
+
+def redeploy(name: str, args: dict[str, Any]) -> None:
+    """Deploy app `name` again with `args`, as `serve deploy` of a changed config does: the controller
+    replaces every changed deployment's replicas one at a time (returns at once; it runs meanwhile)."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
+    deadline = time.monotonic() + 10
+    while app_running(name) and time.monotonic() < deadline:  # until the controller has taken it up
+        time.sleep(0.1)
+
+
+def app_running(name: str) -> bool:
+    """Whether app `name` is RUNNING: every deployment has its target replicas, of its target version."""
+    from ray import serve
+
+    app = serve.status().applications.get(name)
+    return app is not None and app.status == "RUNNING"
 
 
 def gaps(record: Record) -> list[tuple[float, float]]:
@@ -195,8 +245,11 @@ def rss_bytes(pid: int) -> int:
     raise LookupError(f"no VmRSS for pid {pid}")
 
 
+RSS_EVERY_S = 30.0
+
+
 def soak(url: str, app: str, out: Path, users: int, minutes: float, warmup_s: float = 60.0) -> Result:
-    """`users` for `minutes` with no fault; every replica's RSS after warm-up and at the end."""
+    """`users` for `minutes` with no fault; every replica's RSS from the end of warm-up on, every RSS_EVERY_S."""
     from deployments.faults import replica_pids
 
     workload = Workload(prompt_words=(8, 24), max_tokens=32, ignore_eos=True)
@@ -205,15 +258,28 @@ def soak(url: str, app: str, out: Path, users: int, minutes: float, warmup_s: fl
     deployments = ("Ingress", "Router", "ExpertShard-0", "ExpertShard-1")
     locust.start()
     time.sleep(warmup_s)
-    start = {f"{d}/{pid}": rss_bytes(pid) for d in deployments for pid in replica_pids(app, d)}
+    series = {f"{d}/{pid}": [] for d in deployments for pid in replica_pids(app, d)}
     end_at = time.time() + minutes * 60 - warmup_s - 5
-    while time.time() < end_at and locust.is_alive():
+    next_at = time.time()
+    while locust.is_alive():
+        if time.time() >= next_at:
+            for key, values in series.items():  # a replica that died would raise here
+                values.append(rss_bytes(int(key.split("/")[1])))
+            next_at += RSS_EVERY_S
+        if time.time() >= end_at:
+            break
         time.sleep(1.0)
-    end = {key: rss_bytes(int(key.split("/")[1])) for key in start}  # a replica that died would raise here
+    for key, values in series.items():
+        values.append(rss_bytes(int(key.split("/")[1])))
     locust.join()
     records = read_records(out / "requests.jsonl")
-    return Result("soak", records, fault_at=time.time(), replicas_back_s=None,
-                  rss={k: (start[k], end[k]) for k in start})  # fmt: skip
+    return Result("soak", records, fault_at=time.time(), replicas_back_s=None, rss=series)
+
+
+def rss_growth(values: list[int]) -> tuple[float, float]:
+    """(growth from the first sample to the last, growth over the second half of the samples): a leak
+    keeps growing in the second half, memory that settles after warm-up does not."""
+    return values[-1] / values[0] - 1, values[-1] / values[len(values) // 2] - 1
 
 
 @contextmanager
@@ -286,23 +352,30 @@ def main(argv: list[str] | None = None) -> None:
         with local_cluster(multinode=False) as (serve_url, _):
             url = deploy_app(serve_url, "soak", {**base, "shards": 2})
             result = soak(url, "soak", out / "soak", args.users, args.soak_minutes)
-        growth = {k: end / start - 1 for k, (start, end) in result.rss.items()}
+        growth = {k: rss_growth(v) for k, v in result.rss.items()}
         rows.append({"scenario": f"soak {args.soak_minutes:g} min, {args.users} users",
                      "requests": len(result.records), "failed": len(result.failed),
-                     "rss_growth_max": f"{max(growth.values()):+.1%}",
-                     "rss_growth": {k: f"{v:+.1%}" for k, v in growth.items()}})  # fmt: skip
+                     "rss_growth_max": f"{max(g for g, _ in growth.values()):+.1%}",
+                     "rss_growth_second_half_max": f"{max(h for _, h in growth.values()):+.1%}",
+                     "rss_growth": {k: f"{g:+.1%} (second half {h:+.1%})" for k, (g, h) in growth.items()},
+                     "rss_mib": {k: [round(b / 2**20, 1) for b in v] for k, v in result.rss.items()}})  # fmt: skip
         columns = {"scenario": "scenario", "requests": "requests", "failed": "failed",
-                   "largest RSS growth after warm-up": "rss_growth_max"}  # fmt: skip
+                   "largest RSS growth after warm-up": "rss_growth_max",
+                   "largest in the second half": "rss_growth_second_half_max"}  # fmt: skip
     else:
         for name in names:
             scenario = SCENARIOS[name]
             app = {**base, **scenario.app}
             if scenario.rag:
                 app["retrieval"] = {"store_path": str(out / "qdrant"), "ingest_on_start": ["README.md", "docs"]}
-            with local_cluster(multinode=scenario.deployment is None) as (serve_url, remove_node):
+            update = None
+            with local_cluster(multinode=scenario.fault == "remove-node") as (serve_url, remove_node):
                 url = deploy_app(serve_url, name, app)
+                if scenario.fault == "update":
+                    update = functools.partial(redeploy, name, new_version(app, out))
+                duration = max(args.duration, scenario.min_duration_s)
                 result = run_scenario(
-                    url, name, scenario, out / name, args.users, args.duration, args.fault_at, remove_node
+                    url, name, scenario, out / name, args.users, duration, args.fault_at, remove_node, update
                 )
                 serve.delete(name)
             row = analyse(result, args.window)
@@ -320,8 +393,9 @@ def main(argv: list[str] | None = None) -> None:
     meta = machine_meta(users=args.users, duration_s=args.duration, fault_at_s=args.fault_at, window_s=args.window)
     write_report(str(out), "soak" if args.soak else "resilience", meta, rows, columns)
     for row in rows:
-        if row.get("errors"):
-            print(f"{row['scenario']}: " + json.dumps(row["errors"]))
+        for key in ("errors", "rss_growth"):
+            if row.get(key):
+                print(f"{row['scenario']}: " + json.dumps(row[key], indent=1))
 
 
 if __name__ == "__main__":

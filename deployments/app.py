@@ -50,18 +50,32 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     cfg = validate(args)
     config = cfg.model_dump()
     factory = _vllm_engine(cfg, config) if cfg.engine == "vllm" else _native_engine(cfg, config)
+    surge = cfg.failover.update_surge_percent  # a rolling update starts new replicas before it stops old ones
     options = cfg.replica_options(cfg.router_resources)
     if cfg.engine == "vllm":
         options["runtime_env"] = {"env_vars": vllm_env(cfg.accelerator)}
+    # A stopping router (rolling update, scale-down) gets router_drain_s to end its streams; the Ingress
+    # moves any still running then to a live router, so it is the Ingress that must outlast it.
     engine = EngineReplica.options(
-        name=factory.deployment_name, num_replicas=cfg.routers, ray_actor_options=options
+        name=factory.deployment_name,
+        num_replicas=cfg.routers,
+        ray_actor_options=options,
+        graceful_shutdown_timeout_s=cfg.failover.router_drain_s,
+        max_surge_percent=surge,
     ).bind(factory)
     retriever = None
     if cfg.retrieval is not None:
         retriever = Retriever.options(
-            num_replicas=cfg.retrieval.replicas, ray_actor_options=cfg.retrieval.resources.ray_options()
+            num_replicas=cfg.retrieval.replicas,
+            ray_actor_options=cfg.retrieval.resources.ray_options(),
+            max_surge_percent=surge if cfg.retrieval.qdrant_url else 0,  # an embedded store opens once
         ).bind(config)
-    return Ingress.options(ray_actor_options=cfg.ingress_resources.ray_options()).bind(config, engine, retriever)
+    ingress = Ingress.options(
+        ray_actor_options=cfg.ingress_resources.ray_options(),
+        graceful_shutdown_timeout_s=cfg.failover.ingress_drain_s,
+        max_surge_percent=surge,
+    )
+    return ingress.bind(config, engine, retriever)
 
 
 def _native_engine(cfg: AppConfig, config: dict) -> EngineFactory:
@@ -72,6 +86,7 @@ def _native_engine(cfg: AppConfig, config: dict) -> EngineFactory:
             name=f"ExpertShard-{i}",
             num_replicas=cfg.shard_replicas,
             ray_actor_options=cfg.replica_options(cfg.shard_resources),
+            max_surge_percent=cfg.failover.update_surge_percent,
         ).bind(
             cfg.model,
             i,
@@ -79,6 +94,7 @@ def _native_engine(cfg: AppConfig, config: dict) -> EngineFactory:
             cfg.engine_config.model_dump(),
             cfg.accelerator,
             model_name=cfg.model_name,
+            router_wait_s=cfg.failover.router_wait_s,
         )
         for i in range(placement.num_shards if placement else 0)
     ]

@@ -121,6 +121,31 @@ class FailoverConfig(BaseModel):
         description="Longest a layer holds for a shard that has no live replica (retrying meanwhile, "
         "e.g. while Serve restarts it); then the step's requests fail with 503 and queued ones go on.",
     )
+    router_drain_s: float = Field(
+        10.0,
+        gt=0,
+        description="Longest a Router replica Serve is stopping (a rolling update, a scale-down) may finish "
+        "its streams; then it is stopped and the Ingress moves the streams still running to a live router. "
+        "Must be < shard_wait_s: an old router whose shards already run the new version waits for them "
+        "until it is stopped, and its requests must still be alive then to move.",
+    )
+    ingress_drain_s: float = Field(
+        60.0,
+        gt=0,
+        description="Longest an Ingress replica Serve is stopping may finish its HTTP streams; must be > "
+        "router_drain_s, so a stream it moves off a stopped router can still end.",
+    )
+    update_surge_percent: int = Field(
+        100,
+        ge=0,
+        le=100,
+        description="In a rolling update (`serve deploy` of a changed config), how many replicas of each "
+        "deployment Serve starts on the new version before it stops old ones, in percent of its replica "
+        "count (rounded up): 100 replaces even a single-replica shard with no gap, but needs room for the "
+        "extra replicas (without it Serve waits for room, old replicas serving meanwhile); 0 stops first, "
+        "so a shard with one replica is down until its new one is up. An embedded Qdrant store (no "
+        "qdrant_url) cannot be opened twice: the Retriever then always stops first.",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> FailoverConfig:
@@ -132,6 +157,16 @@ class FailoverConfig(BaseModel):
         if self.shard_call_timeout_s > self.shard_wait_s:
             raise ValueError(
                 f"failover.shard_call_timeout_s={self.shard_call_timeout_s} must be <= shard_wait_s={self.shard_wait_s}"
+            )
+        if self.router_drain_s >= self.shard_wait_s:
+            raise ValueError(
+                f"failover.router_drain_s={self.router_drain_s} must be < shard_wait_s={self.shard_wait_s} (a "
+                "stopping router's requests would fail waiting for shards before they could move to a live router)"
+            )
+        if self.ingress_drain_s <= self.router_drain_s:
+            raise ValueError(
+                f"failover.ingress_drain_s={self.ingress_drain_s} must be > router_drain_s={self.router_drain_s} "
+                "(a stream moved off a stopped router needs time to end before its Ingress stops)"
             )
         return self
 

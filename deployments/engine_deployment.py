@@ -32,6 +32,11 @@ class EngineFactory(Protocol):
 
     def build(self, replica: str) -> ServedEngine: ...
 
+    def shard_versions(self) -> list[str]:
+        """The version each expert shard of this app version has (serving/experts/sharded.py,
+        shard_version); [] when there are no shards."""
+        ...
+
 
 @dataclass(frozen=True)
 class NativeEngineFactory:
@@ -49,7 +54,7 @@ class NativeEngineFactory:
         from serving.experts.kernels import kernel_of
         from serving.experts.loading import load_experts
         from serving.experts.local import LocalExpertBackend
-        from serving.experts.sharded import RetryPolicy, ShardedExpertBackend, shard_version
+        from serving.experts.sharded import RetryPolicy, ShardedExpertBackend
         from serving.metrics import EXPERT_KERNEL
         from serving.model.decoder import load_model
         from serving.model.device import resolve_device
@@ -68,15 +73,21 @@ class NativeEngineFactory:
             experts = LocalExpertBackend(layers)
         else:  # the shards run the experts (and record their kernel)
             failover = cfg.failover
-            versions = [shard_version(cfg.model, s, ids) for s, ids in enumerate(self.placement.shards)]
             transport = HandleTransport(
-                self.shards, sink, name, failover.shard_call_timeout_s, failover.shard_hedge_after_s, versions
-            )
+                self.shards, sink, name, failover.shard_call_timeout_s, failover.shard_hedge_after_s,
+                self.shard_versions(),
+            )  # fmt: skip
             policy = RetryPolicy(wait_s=failover.shard_wait_s)
             experts = ShardedExpertBackend(self.placement, transport, policy, sink, name)
         labels = {"model": name, "replica": replica}
         engine = LLMEngine(model, experts, Tokenizer(cfg.model), cfg.engine_config, metrics=sink, metric_labels=labels)
         return AsyncEngine(engine, name="router")
+
+    def shard_versions(self) -> list[str]:
+        from serving.experts.sharded import shard_version
+
+        model = AppConfig.model_validate(self.config).model
+        return [shard_version(model, s, ids) for s, ids in enumerate(self.placement.shards)] if self.placement else []
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,9 @@ class VLLMEngineFactory:
 
     config: dict
     deployment_name: str = "VLLMEngine"
+
+    def shard_versions(self) -> list[str]:
+        return []
 
     def build(self, replica: str) -> ServedEngine:
         from serving.vllm_engine import AsyncVLLMEngine
@@ -99,6 +113,11 @@ class EngineReplica:
     async def __init__(self, factory: EngineFactory):
         # async: vLLM's output handler must live on the event loop that runs `generate`
         self.engine = factory.build(serve.get_replica_context().replica_tag)
+        self._shard_versions = factory.shard_versions()
+
+    def shard_versions(self) -> list[str]:
+        """The shard versions this replica's calls carry (a new shard replica asks, see ExpertShard)."""
+        return self._shard_versions
 
     def limits(self) -> dict:
         """The context limit this replica enforces (model, config and KV cache size together)."""

@@ -24,6 +24,7 @@ from serving.errors import (
     EngineUnavailableError,
     RequestError,
     RetrievalUnavailableError,
+    StalePlacementError,
     UnknownCollectionError,
 )
 from serving.metrics import MIGRATIONS, HttpMetrics, MeteredClient, MetricsSink
@@ -60,6 +61,9 @@ def _replica_died(error: BaseException) -> bool:
     return isinstance(error, ActorDiedError | ActorUnavailableError) and not isinstance(error, RayTaskError)
 
 
+STALE_PAUSE_S = 0.5  # before moving a stream off a router of another app version than its shards
+
+
 class RouterClient:
     """EngineClient over the Router deployment's streaming handle (Serve balances the replicas).
 
@@ -69,6 +73,10 @@ class RouterClient:
     so the client's stream goes on with no token missing or repeated and the usage counts them once.
     A request no router takes within `router_wait_s` (none up, or all full) fails with
     EngineUnavailableError (503 with Retry-After), as does one moved more than `max_migrations` times.
+
+    During a rolling update a router may be left with shards of the other version (StalePlacementError):
+    its streams move the same way, after a short pause, until they reach a router whose shards match; a
+    stream still moving for that reason after `router_wait_s` fails with 503 (the versions never met).
     """
 
     def __init__(self, handle: DeploymentHandle, failover: FailoverConfig, metrics: MetricsSink, model: str = "model"):
@@ -79,29 +87,44 @@ class RouterClient:
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         sent: list[int] = []  # output tokens the client has been given
-        for attempt in range(self.failover.max_migrations + 1):
+        deaths, stale_since = 0, None
+        while True:
             # once tokens were sent, so were the prompt's logprobs (they come with the first output)
             resumed = replace(params, prompt_logprobs=None) if sent else params
             stream = self.handle.generate.remote(prompt_ids, resumed, request_id, list(sent))
             try:
                 await self._assigned(stream)
-                with _unwrapped(_PASS_THROUGH):
+                with _unwrapped(_PASS_THROUGH + (StalePlacementError,)):
                     async for out in stream:
                         sent.extend(out.new_token_ids)
                         yield out
                 return
+            except StalePlacementError as e:
+                now = asyncio.get_running_loop().time()
+                stale_since = stale_since or now
+                if now - stale_since >= self.failover.router_wait_s:
+                    raise EngineUnavailableError(
+                        f"request {request_id}: no router's shards matched its app version within "
+                        f"failover.router_wait_s={self.failover.router_wait_s:g} s ({e}); retry later"
+                    ) from None
+                log.info("request %s: %s; moving it after %d tokens", request_id, e, len(sent))
+                reason = "stale_placement"
             except Exception as e:
                 if not _replica_died(e):
                     raise
                 log.warning("request %s: its router died after %d tokens (%s); moving it", request_id, len(sent), e)
-                if attempt < self.failover.max_migrations:
-                    self.metrics.record(MIGRATIONS, 1, self.labels)
+                deaths += 1
+                if deaths > self.failover.max_migrations:
+                    raise EngineUnavailableError(
+                        f"request {request_id}: its router died {deaths} times "
+                        f"(failover.max_migrations={self.failover.max_migrations}); retry later"
+                    ) from None
+                reason = "router_died"
             finally:
                 stream.cancel()  # client gone or done: the router aborts the request and frees its cache
-        raise EngineUnavailableError(
-            f"request {request_id}: its router died {self.failover.max_migrations + 1} times "
-            f"(failover.max_migrations={self.failover.max_migrations}); retry later"
-        )
+            self.metrics.record(MIGRATIONS, 1, {**self.labels, "reason": reason})
+            if reason == "stale_placement":
+                await asyncio.sleep(STALE_PAUSE_S)  # let Serve replace more replicas before the next try
 
     async def _assigned(self, stream: DeploymentResponseGenerator) -> None:
         """Wait until a router replica has taken the call, at most router_wait_s (Serve would wait forever

@@ -4,16 +4,24 @@ Each replica reads only its own experts' tensors from the checkpoint, so its mem
 of the expert weights. It holds no per-request state: any replica of a shard serves any call. Its experts
 run on the expert kernel the config names (`engine_config.expert_kernel`, serving/experts/kernels.py),
 resolved in the replica and exported once as moe_expert_kernel_info{model, kernel}.
+
+A replica is ready (Serve routes calls to it, and in a rolling update stops an old one for it) only once a
+router of its own version is up, or after `router_wait_s`: a shard of a new version is of use only to new
+routers, and old routers keep the old shards meanwhile instead of waiting for new routers to start.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from pathlib import Path
 
 import torch
 from ray import serve
 from torch import Tensor
 
+from deployments.engine_deployment import NativeEngineFactory
 from deployments.metrics import RaySink
 from serving.engine_client import EngineConfig
 from serving.errors import StalePlacementError
@@ -26,10 +34,12 @@ from serving.model.config import ModelConfig
 from serving.model.device import resolve_device
 from serving.model.dtypes import torch_dtype
 
+log = logging.getLogger(__name__)
+
 
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=10)
 class ExpertShard:
-    def __init__(
+    async def __init__(
         self,
         model_path: str,
         shard_id: int,
@@ -37,6 +47,7 @@ class ExpertShard:
         engine_config: dict,
         accelerator: str,
         model_name: str | None = None,
+        router_wait_s: float = 30.0,
     ):
         self.shard_id, self.expert_ids = shard_id, list(expert_ids)
         self.version = shard_version(model_path, shard_id, self.expert_ids)
@@ -52,6 +63,24 @@ class ExpertShard:
         self.kernel = kernel_of(self.layers)  # resolved here, where it runs: "auto" becomes loop or vllm
         labels = {"model": model_name or Path(model_path).name, "kernel": self.kernel}
         RaySink().record(EXPERT_KERNEL, 1, labels)
+        await self._wait_for_a_router_of_this_version(router_wait_s)
+
+    async def _wait_for_a_router_of_this_version(self, wait_s: float) -> None:
+        """Return once a running Router replica sends this shard's version, or after `wait_s`. (Serve's
+        handle reaches only running replicas, old or new; asking again reaches a new one once it is up.)"""
+        app = serve.get_replica_context().app_name
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                routers = serve.get_deployment_handle(NativeEngineFactory.deployment_name, app_name=app)
+                versions = await asyncio.wait_for(routers.shard_versions.remote(), timeout=2.0)
+                if self.shard_id < len(versions) and versions[self.shard_id] == self.version:
+                    return
+            except Exception:  # none up yet, or one dying: ask again
+                pass
+            await asyncio.sleep(0.25)
+        log.warning("ExpertShard-%d: no router of version %s within %.0f s; ready anyway", self.shard_id,
+                    self.version, wait_s)  # fmt: skip
 
     @torch.inference_mode()  # here, not in __init__: grad mode is per thread, and Serve may call from another
     def run(self, layer: int, call: ShardCall, version: str | None = None) -> Tensor:

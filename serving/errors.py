@@ -50,4 +50,6 @@ class StepFailedError(RuntimeError):
 class StalePlacementError(RuntimeError):
     """A shard call meant for another placement or checkpoint (a router and a shard replica of different app
     versions, during a rolling update): the shard refuses it rather than compute the rows with the wrong
-    experts; the router's transport retries it elsewhere (serving/experts/sharded.py)."""
+    experts. The router retries it briefly (another replica of the shard may match); past
+    RetryPolicy.stale_wait_s the step's requests fail with this error, and the Ingress moves them to another
+    router (deployments/ingress.py), the way it moves the streams of a dead one."""

@@ -77,8 +77,9 @@ SHARD_HEDGES = Metric("moe_shard_hedges_total", "counter", "Second attempts sent
                       "(shard_hedge_after_s).", labels=("model", "shard"))  # fmt: skip
 SHARD_FAILOVERS = Metric("moe_shard_failovers_total", "counter", "Rows of replicated experts sent to another "
                          "holder because this shard failed.", labels=("model", "shard"))  # fmt: skip
-MIGRATIONS = Metric("moe_request_migrations_total", "counter", "Streams re-submitted to a live router after "
-                    "theirs died.")  # fmt: skip
+MIGRATIONS = Metric("moe_request_migrations_total", "counter", "Streams re-submitted to another router: theirs "
+                    "died (reason router_died), or its shards run another app version (stale_placement, during a "
+                    "rolling update).", labels=("model", "reason"))  # fmt: skip
 HTTP_REQUESTS = Metric("moe_http_requests_total", "counter", "HTTP requests by route and status code.",
                        labels=("model", "route", "status"))  # fmt: skip
 RETRIEVAL = Metric("moe_retrieval_seconds", "histogram", "One search: embed the query and search Qdrant, as the "

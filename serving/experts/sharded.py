@@ -12,9 +12,12 @@ Failures cost a retry, not a request. A call the transport reports failed (its r
 up, or it timed out) is sent again: rows of a replicated expert go to another live holder at once, the
 rest to the same shard (Serve picks a live replica of it), pausing between tries while no replica is up.
 A layer that still misses a shard after `wait_s` raises EngineUnavailableError: the step's requests fail
-with 503 and the engine goes on. Replicated experts are served by their least-loaded live holder in the
-step (router/balance.py); a shard that failed is avoided for them until a call to it succeeds or a probe
-in the background (`transport.probe`) finds a replica up again, so they never wait for it.
+with 503 and the engine goes on. A shard that refuses calls as another app version (a rolling update) past
+`stale_wait_s` raises StalePlacementError instead: the requests move to another router.
+
+Replicated experts are served by their least-loaded live holder in the step (router/balance.py); a shard
+that failed is avoided for them until a call to it succeeds or a probe in the background
+(`transport.probe`) finds a replica up again, so they never wait for it.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from torch import Tensor
 from router.balance import least_loaded_holders
 from router.dispatch import Assignments, ShardBatch, check_expert_map, combine, flatten, split_by_shard
 from router.placement import Placement
-from serving.errors import EngineUnavailableError
+from serving.errors import EngineUnavailableError, StalePlacementError
 from serving.experts.backend import LayerExperts
 from serving.metrics import SHARD_FAILOVERS, SHARD_RETRIES, MetricsSink, NullSink
 
@@ -85,6 +88,10 @@ class RetryPolicy:
     wait_s: float = 30.0  # longest a layer holds for a shard with no live replica, from its first failure
     pause_s: float = 0.05  # first pause between tries of a shard none of whose rows could move; doubles
     max_pause_s: float = 1.0  # also the pause between background probes of a failed shard
+    # Longest a layer retries shards that refuse its calls as another app version (StalePlacementError):
+    # long enough to reach a matching replica while a shard's replicas are replaced one at a time, short
+    # enough that a router left on the old version hands its requests on (to be moved) within a second.
+    stale_wait_s: float = 1.0
 
 
 class ShardedExpertBackend:
@@ -116,17 +123,25 @@ class ShardedExpertBackend:
         if self.expert_to_shard.device != ids.device:  # once: the map lives where the gate's ids are
             self.expert_to_shard = self.expert_to_shard.to(ids.device)
         out = torch.zeros_like(hidden)  # [T, D]
-        pending, deadline, pause = flatten(weights, ids), None, self.policy.pause_s
+        pending, deadline, stale_deadline, pause = flatten(weights, ids), None, None, self.policy.pause_s
         while True:
             batches, failed = self._send(layer, hidden, pending, out)
             if not failed:
                 return out
             now = time.monotonic()
             deadline = deadline or now + self.policy.wait_s
+            if stale := sorted(s for s, failure in failed.items() if failure.reason == "stale"):
+                stale_deadline = stale_deadline or now + self.policy.stale_wait_s
+                if now >= stale_deadline:  # this router and those shards are of different app versions
+                    raise StalePlacementError(
+                        f"expert shard(s) {stale} refused calls of layer {layer} as another app version for "
+                        f"{self.policy.stale_wait_s:g} s (a rolling update: "
+                        f"{_why({s: failed[s] for s in stale})}); the requests move to another router"
+                    )
             if now >= deadline:
                 raise EngineUnavailableError(
                     f"expert shard(s) {sorted(failed)} answered no call of layer {layer} for "
-                    f"failover.shard_wait_s={self.policy.wait_s:g} s ({'; '.join(failed.values())}); retry later"
+                    f"failover.shard_wait_s={self.policy.wait_s:g} s ({_why(failed)}); retry later"
                 )
             for shard in failed:
                 self._mark_failed(shard)
@@ -141,7 +156,7 @@ class ShardedExpertBackend:
 
     def _send(
         self, layer: int, hidden: Tensor, assignments: Assignments, out: Tensor
-    ) -> tuple[list[ShardBatch | None], dict[int, str]]:
+    ) -> tuple[list[ShardBatch | None], dict[int, ShardFailure]]:
         """One round: call the shards `assignments` need, add what comes back into `out` (in shard order).
         Returns the round's batches and the failed shards with why."""
         expert_to_shard = self._route(assignments)
@@ -156,7 +171,7 @@ class ShardedExpertBackend:
         for shard in sorted(results):
             result = results[shard]
             if isinstance(result, ShardFailure):
-                failed[shard] = f"shard {shard}: {result.reason} {result.detail}".strip()
+                failed[shard] = result
             else:
                 combine(out, batches[shard].rows, result)  # moves a host result to out's device
                 if self.failed:
@@ -197,10 +212,14 @@ class ShardedExpertBackend:
                 return
             time.sleep(self.policy.max_pause_s)
 
-    def _movable(self, pending: Assignments, failed: dict[int, str]) -> bool:
+    def _movable(self, pending: Assignments, failed: dict[int, ShardFailure]) -> bool:
         """Whether some of `pending` can go to a holder other than the shards that just failed."""
         experts = set(pending.experts.unique().tolist())
         return any(set(self.holders[e]) - set(failed) for e in experts)
+
+
+def _why(failed: dict[int, ShardFailure]) -> str:
+    return "; ".join(f"shard {shard}: {f.reason} {f.detail}".strip() for shard, f in sorted(failed.items()))
 
 
 def _assignments(batch: ShardBatch) -> Assignments:

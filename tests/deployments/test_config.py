@@ -9,7 +9,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from deployments.app import plan_placement, validate
+from deployments.app import build_app, plan_placement, validate
 from deployments.config import AppConfig
 from router.placement import PlacementError
 
@@ -147,3 +147,23 @@ def test_failover_bounds_must_be_in_order():
         AppConfig.model_validate({"model": "x", "failover": {"shard_hedge_after_s": 6}})
     with pytest.raises(ValidationError, match="shard_call_timeout_s=40.0 must be <= shard_wait_s=30.0"):
         AppConfig.model_validate({"model": "x", "failover": {"shard_call_timeout_s": 40}})
+    with pytest.raises(ValidationError, match="router_drain_s=30.0 must be < shard_wait_s=30.0"):
+        AppConfig.model_validate({"model": "x", "failover": {"router_drain_s": 30}})
+    with pytest.raises(ValidationError, match="ingress_drain_s=10.0 must be > router_drain_s=10.0"):
+        AppConfig.model_validate({"model": "x", "failover": {"ingress_drain_s": 10}})
+
+
+def test_a_rolling_update_starts_new_replicas_first_and_drains_old_ones_for_the_configured_times(demo_dir):
+    """What a rolling update does reaches Serve as each deployment's options: routers stop after
+    router_drain_s (their streams move), the Ingress after ingress_drain_s, and every deployment starts
+    update_surge_percent new replicas before stopping old ones, but the Retriever of an embedded store."""
+    failover = {"router_drain_s": 7, "ingress_drain_s": 45, "update_surge_percent": 50}
+    app = {"model": str(demo_dir), "shards": 2, "failover": failover, "retrieval": {}}
+    ingress = build_app(app)._bound_deployment
+    router, retriever = (a._bound_deployment for a in ingress.init_args[1:])  # Ingress(config, router, retriever)
+    shards = router.init_args[0].shards  # the NativeEngineFactory's handles of ExpertShard-<i>
+    timeouts = {d.name: d._deployment_config.graceful_shutdown_timeout_s for d in (ingress, router)}
+    assert timeouts == {"Ingress": 45, "Router": 7}
+    surge = {d.name: d._deployment_config.max_surge_percent for d in (ingress, router, retriever)}
+    surge |= {s._bound_deployment.name: s._bound_deployment._deployment_config.max_surge_percent for s in shards}
+    assert surge == {"Ingress": 50, "Router": 50, "Retriever": 0, "ExpertShard-0": 50, "ExpertShard-1": 50}

@@ -69,14 +69,14 @@ def test_a_call_past_its_timeout_is_a_timeout_failure_not_a_hang(serve_url):
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.1})
 class SlowFirstCall:
-    """Its first call takes 3 s (a stalled attempt), every later one answers at once."""
+    """Its first call takes 5 s (a stalled attempt), every later one answers at once."""
 
     def __init__(self):
         self.calls = itertools.count()
 
     def run(self, layer: int, call: ShardCall, version: str | None = None) -> torch.Tensor:
         if next(self.calls) == 0:
-            time.sleep(3.0)
+            time.sleep(5.0)
         return call.hidden * 2
 
     def ping(self) -> bool:
@@ -87,12 +87,12 @@ def test_a_slow_attempt_is_hedged_and_the_first_answer_wins(serve_url):
     handle = serve.run(SlowFirstCall.bind(), name="transport-hedge", route_prefix=None)
     try:
         sink = MemorySink()
-        transport = HandleTransport([handle], sink, model="m", call_timeout_s=5.0, hedge_after_s=0.2)
+        transport = HandleTransport([handle], sink, model="m", call_timeout_s=8.0, hedge_after_s=0.2)
         call = ShardCall(torch.ones(2, 4), torch.tensor([0, 1]), torch.tensor([0, 1]), torch.ones(2))
         assert transport.probe(0, timeout_s=30)
         started = time.perf_counter()
         out = transport.run(0, {0: call})
-        assert time.perf_counter() - started < 2.0  # the hedge's answer, not the stalled attempt's 3 s
+        assert time.perf_counter() - started < 3.5  # the hedge's answer, not the stalled attempt's 5 s
         assert torch.equal(out[0], call.hidden * 2)
         assert sink.values("moe_shard_hedges_total") == [1]
     finally:
@@ -105,10 +105,12 @@ def test_a_call_for_another_app_version_is_refused_as_stale_not_computed(serve_u
     from deployments.shard_deployment import ExpertShard
     from serving.experts.sharded import shard_version
 
+    shard = ExpertShard.options(ray_actor_options={"num_cpus": 0.1})
     handle = serve.run(
-        ExpertShard.options(ray_actor_options={"num_cpus": 0.1}).bind(str(demo_dir), 0, [0, 1, 2, 3], {}, "cpu"),
-        name="transport-stale", route_prefix=None,
-    )  # fmt: skip
+        shard.bind(str(demo_dir), 0, [0, 1, 2, 3], {}, "cpu", router_wait_s=0.1),  # ready at once: no router here
+        name="transport-stale",
+        route_prefix=None,
+    )
     try:
         call = ShardCall(torch.ones(2, 128), torch.tensor([0, 1]), torch.tensor([0, 3]), torch.ones(2))
         right = shard_version(str(demo_dir), 0, [0, 1, 2, 3])

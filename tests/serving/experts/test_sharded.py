@@ -10,7 +10,7 @@ import torch
 
 from router.gate import GateSpec, top_k_gate
 from router.placement import Placement
-from serving.errors import EngineUnavailableError
+from serving.errors import EngineUnavailableError, StalePlacementError
 from serving.experts.local import LocalExpertBackend, StackedExperts
 from serving.experts.sharded import (
     InProcessTransport,
@@ -186,3 +186,21 @@ def test_a_shard_down_past_the_bound_fails_the_layer_with_engine_unavailable():
         backend(LAYER, hidden, weights, ids)
     assert 0.2 <= time.monotonic() - start < 2.0
     assert 3 <= len(transport.calls) < 40  # it kept trying, with pauses between tries
+
+
+def test_a_shard_of_another_app_version_is_retried_briefly_then_the_step_moves_on():
+    """During a rolling update a replica may refuse calls as another version: a few refusals are retried
+    (the next replica may match); refusals past stale_wait_s raise StalePlacementError (the Ingress moves
+    the requests to another router), long before shard_wait_s."""
+    placement = Placement.contiguous(E, 2)
+    shards = {s: {LAYER: experts(placement.experts_of(s))} for s in range(2)}
+    hidden, weights, ids = _layer_inputs()
+    policy = RetryPolicy(wait_s=30.0, pause_s=0.01, stale_wait_s=0.2)
+    brief = FlakyTransport(shards, fails={1: 2}, reason="stale")
+    out = ShardedExpertBackend(placement, brief, policy)(LAYER, hidden, weights, ids)
+    torch.testing.assert_close(out, _local(hidden, weights, ids), rtol=1e-6, atol=1e-6)
+    lasting = FlakyTransport(shards, fails={1: 10**6}, reason="stale")
+    start = time.monotonic()
+    with pytest.raises(StalePlacementError, match=r"shard\(s\) \[1\].*another app version.*stale test"):
+        ShardedExpertBackend(placement, lasting, policy)(LAYER, hidden, weights, ids)
+    assert 0.2 <= time.monotonic() - start < 2.0
