@@ -20,9 +20,9 @@ Scenarios (the app is the demo model, 2 expert shards, streaming, ignore_eos):
     node            a worker node removed (its raylet and every process on it) from a 3-node
                     `ray.cluster_utils.Cluster`; routers and shard replicas pinned to the 2 worker nodes
                     by a custom resource, as KubeRay worker groups advertise them -> 0 failed
-    rolling-update  the app deployed again with a new checkpoint path (a copy of the same weights) and a
-                    new shard resource, as `serve deploy` of a changed config does: every deployment
-                    is replaced one replica at a time -> 0 failed
+    rolling-update  the app deployed as `serve deploy` does (a config: import path and args), then again
+                    with a new checkpoint path (a copy of the same weights) and a new shard resource:
+                    every deployment is replaced, one replica at a time -> 0 failed
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from typing import Any, Literal
 import numpy as np
 
 from benchmarks.report import machine_meta, write_report
-from deployments.local_cluster import deploy_app, free_port
+from deployments.local_cluster import deploy_app, free_port, wait_ready
 from loadtests.runner import LoadTest, read_records, run_loadtest
 from loadtests.summary import Record
 from loadtests.workload import Workload
@@ -166,16 +166,18 @@ def new_version(app: dict[str, Any], out: Path) -> dict[str, Any]:
     return {**app, "model": str(copy.resolve()), "shard_resources": shards}
 
 
-def redeploy(name: str, args: dict[str, Any]) -> None:
-    """Deploy app `name` again with `args`, as `serve deploy` of a changed config does: the controller
-    replaces every changed deployment's replicas one at a time (returns at once; it runs meanwhile)."""
-    from ray import serve
+def serve_deploy(name: str, args: dict[str, Any]) -> None:
+    """What `serve deploy` of a config holding this one app does (the CLI sends it through the dashboard's
+    REST API to the same controller call): the controller builds the app from its import path and args and
+    rolls out what changed, one replica at a time. Returns once the controller has taken it up."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
 
-    from deployments.app import build_app
-
-    serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
+    app = {"name": name, "route_prefix": f"/{name}", "import_path": "deployments.app:build_app", "args": args}
+    running = app_running(name)
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}))
     deadline = time.monotonic() + 10
-    while app_running(name) and time.monotonic() < deadline:  # until the controller has taken it up
+    while running and app_running(name) and time.monotonic() < deadline:
         time.sleep(0.1)
 
 
@@ -370,9 +372,13 @@ def main(argv: list[str] | None = None) -> None:
                 app["retrieval"] = {"store_path": str(out / "qdrant"), "ingest_on_start": ["README.md", "docs"]}
             update = None
             with local_cluster(multinode=scenario.fault == "remove-node") as (serve_url, remove_node):
-                url = deploy_app(serve_url, name, app)
-                if scenario.fault == "update":
-                    update = functools.partial(redeploy, name, new_version(app, out))
+                if scenario.fault == "update":  # deployed as `serve deploy` does, to be updated the same way
+                    serve_deploy(name, app)
+                    url = f"{serve_url}/{name}"
+                    wait_ready(url)
+                    update = functools.partial(serve_deploy, name, new_version(app, out))
+                else:
+                    url = deploy_app(serve_url, name, app)
                 duration = max(args.duration, scenario.min_duration_s)
                 result = run_scenario(
                     url, name, scenario, out / name, args.users, duration, args.fault_at, remove_node, update
