@@ -138,10 +138,27 @@ def load_rows(load: Tensor) -> list[list[int]]:
     return x.tolist()
 
 
+def copy_counts(w: Sequence[int], num_shards: int, redundant: int) -> list[int]:
+    """Copies of each expert for one layer's rows ``w`` [E], [E] summing to E + redundant: the D'Hondt rule
+    (module docstring), at most ``num_shards`` each, ties to the lower id. ``max(w[e] / copies[e])`` is then as
+    low as any choice of copies makes it: a lower bound on the max shard load of any placement of them."""
+    copies = [1] * len(w)
+    heap = [(-float(load), e) for e, load in enumerate(w)]  # highest load per copy first
+    heapq.heapify(heap)
+    for _ in range(redundant):
+        while True:
+            _, e = heapq.heappop(heap)
+            if copies[e] < num_shards:  # an expert on every shard takes no more (and leaves the heap)
+                break
+        copies[e] += 1
+        heapq.heappush(heap, (-w[e] / copies[e], e))
+    return copies
+
+
 def _plan_layer(w: list[int], num_shards: int, redundant: int, split: SplitMode) -> list[list[int]]:
     """One layer's shards (expert ids per shard) for loads ``w`` [E]."""
     caps = slot_counts(len(w), num_shards, redundant)
-    copies = _copies(w, num_shards, redundant)
+    copies = copy_counts(w, num_shards, redundant)
     candidates = [_pack(w, copies, caps, fluid=False)]
     if split == "load":
         candidates.append(_pack(w, copies, caps, fluid=True))
@@ -182,21 +199,6 @@ def _check_hierarchy(num_experts: int, num_shards: int, redundant: int, num_grou
                 f"{'num_groups' if what == 'num_experts' else 'num_nodes'}={by}"
             )
     slot_counts(num_experts // num_nodes, num_shards // num_nodes, redundant // num_nodes)  # each node on its own
-
-
-def _copies(w: Sequence[int], num_shards: int, redundant: int) -> list[int]:
-    """Copies of each expert: the D'Hondt rule (module docstring), at most ``num_shards`` each; ties: lower id."""
-    copies = [1] * len(w)
-    heap = [(-float(load), e) for e, load in enumerate(w)]  # highest load per copy first
-    heapq.heapify(heap)
-    for _ in range(redundant):
-        while True:
-            _, e = heapq.heappop(heap)
-            if copies[e] < num_shards:  # an expert on every shard takes no more (and leaves the heap)
-                break
-        copies[e] += 1
-        heapq.heappush(heap, (-w[e] / copies[e], e))
-    return copies
 
 
 class _Packing:
