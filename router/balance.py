@@ -91,7 +91,7 @@ def split_rows(
     return split
 
 
-def _level(load: dict[int, int], share: dict[int, dict[int, int]], live: dict[int, list[int]], max_moves: int):
+def _level(load: dict[int, int], share: dict[int, dict[int, int]], live: dict[int, list[int]], max_moves: int) -> None:
     """Move rows along augmenting paths from the heaviest shard until it can shed none (in place).
 
     A path a -> ... -> b follows replicated experts: a step x -> y through expert e needs e to have rows on x

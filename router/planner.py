@@ -141,7 +141,7 @@ def load_rows(load: Tensor) -> list[list[int]]:
 def copy_counts(w: Sequence[int], num_shards: int, redundant: int) -> list[int]:
     """Copies of each expert for one layer's rows ``w`` [E], [E] summing to E + redundant: the D'Hondt rule
     (module docstring), at most ``num_shards`` each, ties to the lower id. ``max(w[e] / copies[e])`` is then as
-    low as any choice of copies makes it: a lower bound on the max shard load of any placement of them."""
+    low as any choice of copies makes it, so it bounds the max shard load of any placement of E + R copies."""
     copies = [1] * len(w)
     heap = [(-float(load), e) for e, load in enumerate(w)]  # highest load per copy first
     heapq.heapify(heap)
@@ -184,7 +184,7 @@ def _plan_hierarchical(
     return shards
 
 
-def _check_hierarchy(num_experts: int, num_shards: int, redundant: int, num_groups: int | None, num_nodes: int):
+def _check_hierarchy(num_experts: int, num_shards: int, redundant: int, num_groups: int | None, num_nodes: int) -> None:
     if num_groups is None:
         raise PlacementError(f"plan: num_nodes={num_nodes} needs num_groups (the expert groups kept on one node)")
     for what, value, by in [

@@ -75,9 +75,11 @@ def test_one_call_per_shard_with_rows_and_none_to_idle_shards():
 
 
 @pytest.mark.gpu
-def test_sharded_equals_local_on_the_device(device):
-    """On the accelerator: shard calls built on the device, sent through a transport that hands results
-    back on the host (as HandleTransport's replicas do), combined on the device again."""
+@pytest.mark.parametrize("name", ["contiguous-3", "hot-0-on-3"])
+def test_sharded_equals_local_on_the_device(device, name):
+    """On the accelerator: shard calls built on the device (with a replicated expert, its rows split between
+    holders there), sent through a transport that hands results back on the host (as HandleTransport's
+    replicas do), combined on the device again."""
 
     class HostTransport(InProcessTransport):  # what a remote shard does: rows in on its device, results out on host
         def run(self, layer, calls):
@@ -88,9 +90,11 @@ def test_sharded_equals_local_on_the_device(device):
 
     gen = torch.Generator().manual_seed(1)
     hidden = torch.randn(20, D, generator=gen).to(device)
-    weights, ids = top_k_gate(torch.randn(20, E, generator=gen).to(device), GateSpec(num_experts=E, top_k=2))
+    logits = torch.randn(20, E, generator=gen)
+    logits[:, 0] += 2.0  # expert 0 is hot
+    weights, ids = top_k_gate(logits.to(device), GateSpec(num_experts=E, top_k=2))
     local = LocalExpertBackend({LAYER: on_device(experts(range(E)))})(LAYER, hidden, weights, ids)
-    placement = Placement.contiguous(E, 3)
+    placement = PLACEMENTS[name]
     shards = {s: {LAYER: on_device(experts(placement.experts_of(s)))} for s in range(3)}
     sharded = ShardedExpertBackend(placement, HostTransport(shards))(LAYER, hidden, weights, ids)
     assert sharded.device.type == device.type
