@@ -4,6 +4,7 @@
     moe-serve generate --model DIR --prompt TEXT         complete a raw prompt in this process
     moe-serve run [--config FILE] [--model DIR] ...      serve the OpenAI API on a local Ray cluster
     moe-serve plan --model DIR --gpu-memory GiB ...      size a GPU deployment (shards, routers, KV room)
+    moe-serve rebalance --load FILE --shards N ...      plan expert placement from measured load (docs/placement.md)
     moe-serve ingest PATH... [--url URL] [--delete]     chunk, embed and store files for retrieval (RAG)
     moe-serve loadtest --url URL [--users N] ...         load-test an OpenAI-compatible server, write a report
 
@@ -100,6 +101,31 @@ def _plan(args: argparse.Namespace) -> int:
         return 2
     print(plan.describe())
     return 0
+
+
+def _rebalance(args: argparse.Namespace) -> int:
+    from router.placement import PlacementError
+    from router.rebalance import LoadFileError, rebalance
+
+    try:
+        load = _rebalance_load(args)
+        report = rebalance(load, args.shards, args.redundant, num_groups=args.groups, num_nodes=args.nodes)
+    except (LoadFileError, PlacementError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.to_json()) if args.json else report.describe())
+    return 0
+
+
+def _rebalance_load(args: argparse.Namespace):
+    """The [layers, experts] load from the one source given (today only --load FILE)."""
+    from router.rebalance import LoadFileError, read_load
+
+    try:
+        text = Path(args.load).read_text()
+    except OSError as e:
+        raise LoadFileError(f"--load {args.load}: {e.strerror or e}") from None
+    return read_load(text, args.load)
 
 
 def _ingest(args: argparse.Namespace) -> int:
@@ -240,6 +266,16 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     plan.add_argument("--routers", type=int, default=1, help="router replicas, one GPU each (default: 1)")
     plan.set_defaults(func=_plan)
+
+    reb = sub.add_parser("rebalance", help="plan expert placement from measured load, beside contiguous placement")
+    source = reb.add_mutually_exclusive_group(required=True)  # where the load comes from: one of these
+    source.add_argument("--load", metavar="FILE", help='JSON {"load": [[rows of each expert] for each MoE layer]}')
+    reb.add_argument("--shards", type=int, required=True, help="expert shards")
+    reb.add_argument("--redundant", type=int, default=0, help="expert copies beyond one each, per layer (default: 0)")
+    reb.add_argument("--groups", type=int, help="with --nodes: expert groups (consecutive ids) kept on one node")
+    reb.add_argument("--nodes", type=int, default=1, help="shard nodes for hierarchical placement (default: 1)")
+    reb.add_argument("--json", action="store_true", help="print the placement and balancedness as JSON")
+    reb.set_defaults(func=_rebalance)
     ingest = sub.add_parser("ingest", help="chunk, embed and store .txt/.md files for retrieval (or --delete them)")
     ingest.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (walked recursively)")
     ingest.add_argument("--collection", default="docs", help="Qdrant collection (default: docs)")

@@ -11,6 +11,10 @@ Usage, one MoE layer across shards::
     for b in split_by_shard(a, expert_to_shard, num_shards):
         if b is not None:
             combine(out, b.rows, shard(hidden[b.rows], b.local_rows, b.experts, b.weights))
+
+With replicated experts, whose rows router/balance.py splits between holders, pick a shard per assignment::
+
+    batches = split_assignments(a, assignment_shards(a.experts, split), num_shards)
 """
 
 from dataclasses import dataclass
@@ -92,18 +96,36 @@ def check_expert_map(expert_to_shard: Tensor, num_shards: int) -> None:
 def split_by_shard(
     assignments: Assignments, expert_to_shard: Tensor, num_shards: int, num_rows: int | None = None
 ) -> list[ShardBatch | None]:
-    """Split assignments into one batch per shard; ``None`` for a shard with no rows (do not call it).
+    """Split assignments into one batch per shard, every row of an expert to the one shard ``expert_to_shard``
+    names; ``None`` for a shard with no rows (do not call it).
 
-    expert_to_shard: [E] int64, the shard that holds each expert (checked once by check_expert_map;
-    the gate only picks ids in 0..E-1). num_rows: a bound on the token rows (T); the default, A, holds for
-    what ``flatten`` gives, not for a subset of it (assignments sent again after a failure). A token
-    routed to two experts of the same shard is sent to that shard once. Two host syncs whatever the
-    number of shards: unique's result size, and the counts that cut the flat results into per-shard pieces.
+    expert_to_shard: [E] int64, the shard that holds each expert (checked once by check_expert_map; the gate only
+    picks ids in 0..E-1). num_rows: as in ``split_assignments``.
+    """
+    shard_of = expert_to_shard.to(assignments.experts.device)[assignments.experts]  # [A]
+    return split_assignments(assignments, shard_of, num_shards, num_rows)
+
+
+def split_assignments(
+    assignments: Assignments, shard_of: Tensor, num_shards: int, num_rows: int | None = None
+) -> list[ShardBatch | None]:
+    """Split assignments into one batch per shard, assignment a to shard ``shard_of[a]``; ``None`` for a shard
+    with no rows (do not call it). Rows of one replicated expert may go to several shards this way
+    (``router.balance.assignment_shards`` says which).
+
+    shard_of: [A] int64 in 0..num_shards-1, on the assignments' device. num_rows: a bound on the token rows (T);
+    the default, A, holds for what ``flatten`` gives, not for a subset of it (assignments sent again after a
+    failure). A token routed to two experts of the same shard is sent to that shard once. Two host syncs whatever
+    the number of shards: unique's result size, and the counts that cut the flat results into per-shard pieces.
     """
     if assignments.experts.numel() == 0:
         return [None] * num_shards
+    if shard_of.shape != assignments.experts.shape:
+        raise ValueError(
+            f"split_assignments: shard_of has shape {tuple(shard_of.shape)}, the assignments "
+            f"{tuple(assignments.experts.shape)}; give one shard per assignment"
+        )
     a = max(assignments.experts.numel(), num_rows or 0)  # > every row index
-    shard_of = expert_to_shard.to(assignments.experts.device)[assignments.experts]  # [A]
     order = torch.sort(shard_of, stable=True).indices  # [A] grouped by shard, original order inside
     # One key per (shard, row): unique(sorted) lists each shard's rows in batch order, shard after shard,
     # and `inverse` maps every assignment to its row's place in that list.

@@ -1,7 +1,10 @@
 """Expert placement: which shard holds which routed experts.
 
-Every MoE layer uses the same placement, so one ``Placement`` describes the whole model. An expert
-may sit on several shards (replicas of a hot expert); every expert must sit on at least one.
+A ``Placement`` is one MoE layer's layout: for each shard, the experts it holds. An expert may sit on several
+shards (replicas of a hot expert); every expert must sit on at least one. The serving runtime today uses one
+``Placement`` for every layer. A ``LayeredPlacement`` holds one per MoE layer, as the planner
+(router/planner.py) makes them: hot experts differ from layer to layer, so a shard may hold different expert
+ids in different layers (the same shards and the same number of experts in each).
 
 Usage::
 
@@ -9,6 +12,10 @@ Usage::
     p.shards                     # ((0, 1, 2), (3, 4, 5), (6, 7))
     print(p.describe())          # shard 0: experts 0-2 (3) ...
     batches = split_by_shard(assignments, p.expert_to_shard(), p.num_shards)
+
+    layered = LayeredPlacement.from_json([[[0, 1], [1, 2, 3]], [[2, 3], [0, 1, 3]]], num_experts=4)
+    layered.layers[1].holders(3)   # (0, 1): expert 3 is replicated in layer 1
+    layered.experts_of(0)          # ((0, 1), (2, 3)): what shard 0 loads, per layer
 """
 
 import operator
@@ -105,6 +112,14 @@ class Placement:
             raise PlacementError(f"Placement: expert {expert} outside 0..{self.num_experts - 1}")
         return tuple(s for s, ids in enumerate(self.shards) if expert in ids)
 
+    def holder_table(self) -> tuple[tuple[int, ...], ...]:
+        """``holders(e)`` for every expert at once, [E] (one pass over the shards, not one per expert)."""
+        table: list[list[int]] = [[] for _ in range(self.num_experts)]
+        for shard, ids in enumerate(self.shards):
+            for e in ids:
+                table[e].append(shard)
+        return tuple(tuple(hs) for hs in table)
+
     def expert_to_shard(self, replica_choice: Sequence[int] | None = None) -> Tensor:
         """The one shard each expert's rows go to, as [E] int64 (what ``split_by_shard`` takes).
 
@@ -132,6 +147,83 @@ class Placement:
     def describe(self) -> str:
         """One line per shard, e.g. ``shard 0: experts 0-2, 5 (4)``."""
         return "\n".join(f"shard {s}: experts {_ranges(ids)} ({len(ids)})" for s, ids in enumerate(self.shards))
+
+
+@dataclass(frozen=True)
+class LayeredPlacement:
+    """One ``Placement`` per MoE layer, in model order (entry i is the i-th MoE layer, not decoder layer i).
+
+    Every layer has the same shards and the same ``num_experts``. What a per-layer runtime needs: shard s loads
+    ``experts_of(s)[i]`` for MoE layer i; the router splits layer i's rows by ``layers[i].holder_table()``.
+    ``to_json()`` / ``from_json()`` give and read the ``placement`` field of ``moe-serve rebalance --json``:
+    ``[[[expert ids on shard 0], ..., [ids on shard N-1]] for each layer]``.
+    """
+
+    layers: tuple[Placement, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if not self.layers:
+            raise PlacementError("LayeredPlacement: needs at least one layer, got none")
+        first = self.layers[0]
+        for i, layer in enumerate(self.layers):
+            if (layer.num_shards, layer.num_experts) != (first.num_shards, first.num_experts):
+                raise PlacementError(
+                    f"LayeredPlacement: layer {i} has {layer.num_shards} shards and {layer.num_experts} experts, "
+                    f"layer 0 has {first.num_shards} and {first.num_experts}; every layer needs the same"
+                )
+
+    @classmethod
+    def uniform(cls, placement: Placement, num_layers: int) -> "LayeredPlacement":
+        """The same placement in every layer (what the runtime serves today)."""
+        if num_layers < 1:
+            raise PlacementError(f"LayeredPlacement.uniform: num_layers must be >= 1, got {num_layers}")
+        return cls((placement,) * num_layers)
+
+    @classmethod
+    def from_json(cls, layers: object, num_experts: int) -> "LayeredPlacement":
+        """Read ``[[[ids on shard 0], ...] for each layer]``; errors name the layer and shard at fault."""
+        if not isinstance(layers, list) or not layers:
+            raise PlacementError("placement: expected a non-empty list with one entry per MoE layer")
+        out = []
+        for i, shards in enumerate(layers):
+            if not isinstance(shards, list) or not all(isinstance(ids, list) for ids in shards):
+                raise PlacementError(f"placement: layer {i} must be a list of shards, each a list of expert ids")
+            for s, ids in enumerate(shards):
+                if not all(isinstance(e, int) and not isinstance(e, bool) for e in ids):
+                    raise PlacementError(f"placement: layer {i}, shard {s}: expert ids must be integers, got {ids}")
+            try:
+                out.append(Placement.explicit(num_experts, shards))
+            except PlacementError as e:
+                raise PlacementError(f"placement: layer {i}: {e}") from None
+        return cls(tuple(out))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_shards(self) -> int:
+        return self.layers[0].num_shards
+
+    @property
+    def num_experts(self) -> int:
+        return self.layers[0].num_experts
+
+    def experts_of(self, shard: int) -> tuple[tuple[int, ...], ...]:
+        """The experts ``shard`` holds in each layer, [layers] sorted id tuples: what it must load."""
+        return tuple(layer.experts_of(shard) for layer in self.layers)
+
+    def to_json(self) -> list[list[list[int]]]:
+        """``[[[ids on shard 0], ..., [ids on shard N-1]] for each layer]``, ids ascending."""
+        return [[list(ids) for ids in layer.shards] for layer in self.layers]
+
+    def describe(self) -> str:
+        """Each layer's shards, indented under a ``layer i:`` line."""
+        return "\n".join(
+            f"layer {i}:\n" + "\n".join(f"  {line}" for line in layer.describe().splitlines())
+            for i, layer in enumerate(self.layers)
+        )
 
 
 def build_placement(

@@ -15,8 +15,9 @@ A layer that still misses a shard after `wait_s` raises EngineUnavailableError: 
 with 503 and the engine goes on. A shard that refuses calls as another app version (a rolling update) past
 `stale_wait_s` raises StalePlacementError instead: the requests move to another router.
 
-Replicated experts are served by their least-loaded live holder in the step (router/balance.py); a shard
-that failed is avoided for them until a call to it succeeds or a probe in the background
+The rows of a replicated expert are split between its live holders, in the proportions that level the
+step's shard loads best (router/balance.py: split_rows), so one expert's rows may go to several shards in
+one step; a shard that failed gets none of them until a call to it succeeds or a probe in the background
 (`transport.probe`) finds a replica up again, so they never wait for it.
 """
 
@@ -32,8 +33,8 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
-from router.balance import least_loaded_holders
-from router.dispatch import Assignments, ShardBatch, check_expert_map, combine, flatten, split_by_shard
+from router.balance import assignment_shards, split_rows
+from router.dispatch import Assignments, ShardBatch, check_expert_map, combine, flatten, split_assignments
 from router.placement import Placement
 from serving.errors import EngineUnavailableError, StalePlacementError
 from serving.experts.backend import LayerExperts
@@ -111,7 +112,7 @@ class ShardedExpertBackend:
     ):
         self.placement, self.transport, self.policy = placement, transport, policy or RetryPolicy()
         self.metrics, self.model = metrics or NullSink(), model
-        self.holders = [placement.holders(e) for e in range(placement.num_experts)]
+        self.holders = placement.holder_table()  # [E] shards holding each expert
         self.replicated = any(len(h) > 1 for h in self.holders)
         self.expert_to_shard = placement.expert_to_shard()  # [E] first holders: the map when nothing is replicated
         check_expert_map(self.expert_to_shard, placement.num_shards)  # once, not per call
@@ -159,8 +160,8 @@ class ShardedExpertBackend:
     ) -> tuple[list[ShardBatch | None], dict[int, ShardFailure]]:
         """One round: call the shards `assignments` need, add what comes back into `out` (in shard order).
         Returns the round's batches and the failed shards with why."""
-        expert_to_shard = self._route(assignments)
-        batches = split_by_shard(assignments, expert_to_shard, self.placement.num_shards, hidden.shape[0])
+        shard_of = self._route(assignments)  # [A]
+        batches = split_assignments(assignments, shard_of, self.placement.num_shards, hidden.shape[0])
         calls = {
             shard: ShardCall(hidden[b.rows], b.local_rows, b.experts, b.weights)  # [R_s, D], [A_s] x3
             for shard, b in enumerate(batches)
@@ -180,15 +181,14 @@ class ShardedExpertBackend:
         return batches, failed
 
     def _route(self, assignments: Assignments) -> Tensor:
-        """[E] the shard each expert's rows go to now: its only holder, or for a replicated expert the
-        least-loaded holder not recently failed (one host sync for the per-expert counts)."""
+        """[A] the shard each assignment goes to now: its expert's only holder, or for a replicated expert the
+        live holder split_rows gives it (avoiding shards recently failed; one host sync for the counts)."""
         if not self.replicated:
-            return self.expert_to_shard
+            return self.expert_to_shard[assignments.experts]
         with self._lock:
             avoid = set(self.failed)
         counts = torch.bincount(assignments.experts, minlength=self.placement.num_experts).tolist()  # host sync
-        shard_of = least_loaded_holders(counts, self.holders, avoid)
-        return torch.tensor(shard_of, dtype=torch.int64, device=assignments.experts.device)
+        return assignment_shards(assignments.experts, split_rows(counts, self.holders, avoid))
 
     def _mark_failed(self, shard: int) -> None:
         """Keep replicated experts off `shard`, and probe it in the background until a replica answers."""

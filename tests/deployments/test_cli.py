@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from router.placement import LayeredPlacement
+from router.rebalance import read_load, rebalance
 from serving.demo import FP8_QUANTIZATION_CONFIG
 from serving.engine.llm_engine import LLMEngine
 from serving.engine_client import SamplingParams
@@ -24,7 +26,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([MOE_SERVE, *args], capture_output=True, text=True, env=env, timeout=300)
 
 
-@pytest.mark.parametrize("command", [[], ["make-demo"], ["generate"]])
+@pytest.mark.parametrize("command", [[], ["make-demo"], ["generate"], ["rebalance"]])
 def test_every_subcommand_has_help(command):
     result = cli(*command, "--help")
     assert result.returncode == 0 and "usage: moe-serve" in result.stdout
@@ -88,3 +90,34 @@ def test_make_demo_fp8_writes_deepseeks_layout_and_generates(tmp_path):
 def test_make_demo_fp8_is_only_for_deepseek(tmp_path):
     result = cli("make-demo", "--arch", "mixtral", "--fp8", "--out", str(tmp_path / "x"))
     assert result.returncode == 2 and "deepseek_v3" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_rebalance_json_is_the_planners_report(tmp_path):
+    load = {"load": [[90, 10, 10, 10, 5, 5, 5, 5], [1, 1, 1, 1, 1, 1, 1, 50], [3, 3, 3, 3, 3, 3, 3, 3]]}
+    path = tmp_path / "load.json"
+    path.write_text(json.dumps(load))
+    result = cli("rebalance", "--load", str(path), "--shards", "3", "--redundant", "4", "--json")
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout)
+    assert got == rebalance(read_load(path.read_text(), str(path)), num_shards=3, redundant=4).to_json()
+    assert len(got["placement"]) == 3 and got["balancedness"] > got["contiguous_balancedness"]
+    LayeredPlacement.from_json(got["placement"], num_experts=8)  # a valid placement in every layer
+
+    text = cli("rebalance", "--load", str(path), "--shards", "3", "--redundant", "4")
+    assert text.returncode == 0 and "planned 0.99" in text.stdout and "layer 2:" in text.stdout
+
+
+def test_rebalance_errors_name_the_problem(tmp_path):
+    missing = cli("rebalance", "--load", str(tmp_path / "none.json"), "--shards", "2")
+    assert missing.returncode == 2 and "none.json: No such file" in missing.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"load": [[1, 2], [3]]}')
+    ragged = cli("rebalance", "--load", str(bad), "--shards", "2")
+    assert ragged.returncode == 2 and "load[1] has 1 experts, load[0] has 2" in ragged.stderr
+    bad.write_text('{"load": [[1, 2]]}')
+    too_many = cli("rebalance", "--load", str(bad), "--shards", "3")
+    assert too_many.returncode == 2 and "3 shards need at least one slot each" in too_many.stderr
+    for result in (missing, ragged, too_many):
+        assert "Traceback" not in result.stderr
+    no_source = cli("rebalance", "--shards", "2")
+    assert no_source.returncode == 2 and "--load" in no_source.stderr

@@ -1,7 +1,16 @@
 import pytest
 import torch
 
-from router.dispatch import Assignments, check_expert_map, combine, flatten, group_by_expert, split_by_shard
+from router.balance import assignment_shards, split_rows
+from router.dispatch import (
+    Assignments,
+    check_expert_map,
+    combine,
+    flatten,
+    group_by_expert,
+    split_assignments,
+    split_by_shard,
+)
 
 # 8 experts on 3 uneven shards: {0, 1, 2}, {3, 4, 5}, {6, 7}
 EXPERT_TO_SHARD = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
@@ -110,6 +119,32 @@ def test_combine_of_split_equals_unsplit():
         partial = linear_experts(hidden[b.rows], b.local_rows, b.experts, b.weights, expert_mats)
         assert combine(out, b.rows, partial) is out  # in place
     torch.testing.assert_close(out, naive_moe(hidden, weights.double(), ids, expert_mats))
+
+
+def test_rows_of_one_expert_split_between_shards_combine_to_the_unsplit_result():
+    # every expert on both of 2 shards; split_rows levels them, so most experts' rows go to both
+    weights, ids = random_routing(tokens=16, seed=3)
+    a = flatten(weights, ids)
+    counts = torch.bincount(a.experts, minlength=8).tolist()
+    split = split_rows(counts, [(0, 1)] * 8)
+    shard_of = assignment_shards(a.experts, split)  # [A]
+    batches = split_assignments(a, shard_of, num_shards=2)
+    assert [b.experts.numel() for b in batches] == [16, 16]  # 32 assignments, levelled
+    assert any(len(pieces) == 2 for pieces in split)  # some expert's rows really are on both shards
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(16, 4, generator=gen, dtype=torch.float64)
+    expert_mats = torch.randn(8, 4, 4, generator=gen, dtype=torch.float64)
+    out = torch.zeros_like(hidden)
+    for shard, b in enumerate(batches):
+        assert b.rows.tolist() == sorted(set(a.rows[shard_of == shard].tolist()))  # each token once per shard
+        combine(out, b.rows, linear_experts(hidden[b.rows], b.local_rows, b.experts, b.weights, expert_mats))
+    torch.testing.assert_close(out, naive_moe(hidden, weights.double(), ids, expert_mats))
+
+
+def test_split_assignments_needs_one_shard_per_assignment():
+    a = flatten(torch.ones(2, 2), torch.tensor([[0, 1], [2, 3]]))
+    with pytest.raises(ValueError, match=r"shard_of has shape \(3,\), the assignments \(4,\)"):
+        split_assignments(a, torch.zeros(3, dtype=torch.int64), num_shards=2)
 
 
 def test_combine_casts_and_checks_shape():

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from router.dispatch import flatten, split_by_shard
-from router.placement import Placement, PlacementError, build_placement, shard_weight_bytes
+from router.placement import LayeredPlacement, Placement, PlacementError, build_placement, shard_weight_bytes
 
 
 def test_contiguous_uneven_gives_first_shards_one_more():
@@ -146,3 +146,41 @@ def test_shard_weight_bytes():
     assert shard_weight_bytes(Placement.explicit(2, [[0, 1], [0]]), 1, 4, 2, 4) == [192, 96]
     with pytest.raises(PlacementError, match="hidden must be >= 1, got 0"):
         shard_weight_bytes(Placement.contiguous(2, 1), 1, 0, 2, 4)
+
+
+def test_holder_table_lists_every_experts_holders():
+    p = Placement.explicit(4, [[0, 1], [2, 3], [0, 3]])
+    assert p.holder_table() == ((0, 2), (0,), (1,), (1, 2)) == tuple(p.holders(e) for e in range(4))
+
+
+def test_layered_placement_round_trips_the_json_format():
+    layers = [[[0, 1], [1, 2, 3]], [[2, 3], [0, 1, 3]]]
+    p = LayeredPlacement.from_json(layers, num_experts=4)
+    assert p.num_layers == 2 and p.num_shards == 2 and p.num_experts == 4
+    assert p.to_json() == layers and LayeredPlacement.from_json(p.to_json(), 4) == p
+    assert p.layers[1].holders(3) == (0, 1)  # replicated in layer 1 only
+    assert p.experts_of(0) == ((0, 1), (2, 3))  # what shard 0 loads, per layer
+    assert p.describe().splitlines()[:3] == ["layer 0:", "  shard 0: experts 0-1 (2)", "  shard 1: experts 1-3 (3)"]
+
+
+def test_uniform_layered_placement_repeats_one_layer():
+    p = LayeredPlacement.uniform(Placement.contiguous(8, 3), 4)
+    assert p.num_layers == 4 and set(p.layers) == {Placement.contiguous(8, 3)}
+    with pytest.raises(PlacementError, match="num_layers must be >= 1, got 0"):
+        LayeredPlacement.uniform(Placement.contiguous(8, 3), 0)
+
+
+@pytest.mark.parametrize(
+    ("layers", "message"),
+    [
+        ([], "non-empty list with one entry per MoE layer"),
+        ([[[0, 1], [2, 3]], [[0, 1, 2, 3]]], "layer 1 has 1 shards and 4 experts, layer 0 has 2 and 4"),
+        ([[[0, 1], "23"]], "layer 0 must be a list of shards"),
+        ([[[0, 1], [2, 3.5]]], "layer 0, shard 1: expert ids must be integers"),
+        ([[[0, 1], [2, 3]], [[0, 1], [2]]], r"layer 1: Placement: experts \[3\] are on no shard"),
+        ([[[0, 1, 1], [2, 3]]], r"layer 0: Placement: shard 0 lists experts \[1\] more than once"),
+    ],
+)
+def test_layered_placement_errors_name_the_layer(layers, message):
+    with pytest.raises(PlacementError, match=message):
+        LayeredPlacement.from_json(layers, num_experts=4)

@@ -1,5 +1,5 @@
 """Sharded experts give the same numbers as in-process experts, call only shards with rows, retry failed
-shards within a bound, and spread replicated experts over their live holders."""
+shards within a bound, and split replicated experts' rows over their live holders by load."""
 
 from __future__ import annotations
 
@@ -42,13 +42,22 @@ class CountingTransport(InProcessTransport):
         return super().run(layer, calls)
 
 
-@pytest.mark.parametrize(
-    "placement", [Placement.contiguous(E, 1), Placement.contiguous(E, 3), Placement.round_robin(E, 4)]
-)
+PLACEMENTS = {
+    "contiguous-1": Placement.contiguous(E, 1),
+    "contiguous-3": Placement.contiguous(E, 3),
+    "round_robin-4": Placement.round_robin(E, 4),
+    "hot-0-on-3": Placement.explicit(E, [[0, 1, 2, 3], [0, 4, 5], [0, 6, 7]]),  # rows of 0 split over 3 shards
+    "all-twice": Placement.explicit(E, [list(range(E)), list(range(E))]),
+}
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS.values(), ids=PLACEMENTS.keys())
 def test_sharded_equals_local(placement):
     gen = torch.Generator().manual_seed(1)
     hidden = torch.randn(20, D, generator=gen)
-    weights, ids = top_k_gate(torch.randn(20, E, generator=gen), GateSpec(num_experts=E, top_k=2, renormalize=True))
+    logits = torch.randn(20, E, generator=gen)
+    logits[:, 0] += 2.0  # expert 0 is hot: most tokens pick it, so its rows are split between holders
+    weights, ids = top_k_gate(logits, GateSpec(num_experts=E, top_k=2, renormalize=True))
     local = LocalExpertBackend({LAYER: experts(range(E))})(LAYER, hidden, weights, ids)
     shards = {s: {LAYER: experts(placement.experts_of(s))} for s in range(placement.num_shards)}
     sharded = ShardedExpertBackend(placement, InProcessTransport(shards))(LAYER, hidden, weights, ids)
@@ -66,9 +75,11 @@ def test_one_call_per_shard_with_rows_and_none_to_idle_shards():
 
 
 @pytest.mark.gpu
-def test_sharded_equals_local_on_the_device(device):
-    """On the accelerator: shard calls built on the device, sent through a transport that hands results
-    back on the host (as HandleTransport's replicas do), combined on the device again."""
+@pytest.mark.parametrize("name", ["contiguous-3", "hot-0-on-3"])
+def test_sharded_equals_local_on_the_device(device, name):
+    """On the accelerator: shard calls built on the device (with a replicated expert, its rows split between
+    holders there), sent through a transport that hands results back on the host (as HandleTransport's
+    replicas do), combined on the device again."""
 
     class HostTransport(InProcessTransport):  # what a remote shard does: rows in on its device, results out on host
         def run(self, layer, calls):
@@ -79,9 +90,11 @@ def test_sharded_equals_local_on_the_device(device):
 
     gen = torch.Generator().manual_seed(1)
     hidden = torch.randn(20, D, generator=gen).to(device)
-    weights, ids = top_k_gate(torch.randn(20, E, generator=gen).to(device), GateSpec(num_experts=E, top_k=2))
+    logits = torch.randn(20, E, generator=gen)
+    logits[:, 0] += 2.0  # expert 0 is hot
+    weights, ids = top_k_gate(logits.to(device), GateSpec(num_experts=E, top_k=2))
     local = LocalExpertBackend({LAYER: on_device(experts(range(E)))})(LAYER, hidden, weights, ids)
-    placement = Placement.contiguous(E, 3)
+    placement = PLACEMENTS[name]
     shards = {s: {LAYER: on_device(experts(placement.experts_of(s)))} for s in range(3)}
     sharded = ShardedExpertBackend(placement, HostTransport(shards))(LAYER, hidden, weights, ids)
     assert sharded.device.type == device.type
@@ -152,7 +165,7 @@ def test_rows_of_a_replicated_expert_move_to_its_other_holder_without_waiting():
     backend = ShardedExpertBackend(placement, transport, RetryPolicy(pause_s=10.0, max_pause_s=0.05), sink)
     start = time.monotonic()
     out = backend(LAYER, hidden, weights, ids)
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 5.0  # no pause: the first one (pause_s) would take 10 s
     torch.testing.assert_close(out, _local(hidden, weights, ids), rtol=1e-6, atol=1e-6)
     assert transport.calls == [{0, 1}, {1}]  # shard 0's rows (expert 4) moved to shard 1 at once
     assert sink.values("moe_shard_failovers_total") == [1]
@@ -172,6 +185,49 @@ def test_replicated_experts_are_split_by_load_between_their_holders():
     hidden, weights, ids = _layer_inputs(tokens=32, top_k=2)
     out = ShardedExpertBackend(placement, transport)(LAYER, hidden, weights, ids)
     assert transport.calls == [{0, 1}]  # both holders used, not only the first
+    torch.testing.assert_close(out, _local(hidden, weights, ids), rtol=1e-6, atol=1e-6)
+
+
+class RecordingTransport(FlakyTransport):
+    """FlakyTransport that also keeps, for every round, each shard's assigned expert ids."""
+
+    def __init__(self, shards, fails=None):
+        super().__init__(shards, fails or {})
+        self.rounds: list[dict[int, list[int]]] = []
+
+    def run(self, layer, calls):
+        self.rounds.append({shard: call.experts.tolist() for shard, call in calls.items()})
+        return super().run(layer, calls)
+
+
+def _hot_expert_step():
+    """Expert 0 on both shards; shard 0 must also take expert 1's 6 rows, shard 1 expert 4's 2."""
+    placement = Placement.explicit(E, [[0, 1, 2, 3], [0, 4, 5, 6, 7]])
+    shards = {s: {LAYER: experts(placement.experts_of(s))} for s in range(2)}
+    ids = torch.tensor([[0, 1]] * 6 + [[0, 4]] * 2)  # 8 rows of expert 0
+    gen = torch.Generator().manual_seed(3)
+    return placement, shards, torch.randn(8, D, generator=gen), torch.rand(8, 2, generator=gen), ids
+
+
+def test_rows_of_a_replicated_expert_are_split_unevenly_to_level_the_shards():
+    placement, shards, hidden, weights, ids = _hot_expert_step()
+    transport = RecordingTransport(shards)
+    out = ShardedExpertBackend(placement, transport)(LAYER, hidden, weights, ids)
+    [sent] = transport.rounds
+    # 16 assignments, 8 a shard: expert 0 gives 2 rows to shard 0 (which has expert 1's 6) and 6 to shard 1
+    # (which has expert 4's 2); one holder for all 8 would have left the shards at 6 and 10 (or 14 and 2)
+    assert sorted(sent[0]) == [0] * 2 + [1] * 6 and sorted(sent[1]) == [0] * 6 + [4] * 2
+    torch.testing.assert_close(out, _local(hidden, weights, ids), rtol=1e-6, atol=1e-6)
+
+
+def test_a_failed_holder_gets_no_rows_of_a_replicated_expert_while_another_is_up():
+    placement, shards, hidden, weights, ids = _hot_expert_step()
+    transport = RecordingTransport(shards, fails={0: 1})  # shard 0 fails its first call only
+    out = ShardedExpertBackend(placement, transport, RetryPolicy(pause_s=0.001))(LAYER, hidden, weights, ids)
+    first, retry = transport.rounds
+    assert sorted(first[0]) == [0] * 2 + [1] * 6
+    # the retry sends shard 0's rows again: expert 1's must wait for shard 0, expert 0's go to shard 1 at once
+    assert sorted(retry[0]) == [1] * 6 and retry[1] == [0, 0]
     torch.testing.assert_close(out, _local(hidden, weights, ids), rtol=1e-6, atol=1e-6)
 
 
