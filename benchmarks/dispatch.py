@@ -47,8 +47,8 @@ def deploy_shards(path: Path, placement: Placement, dtype: str):
     handles = []
     for i in range(placement.num_shards):
         app = ExpertShard.options(name=f"ExpertShard-{i}", ray_actor_options={"num_cpus": 0.5})
-        handles.append(serve.run(app.bind(str(path), i, list(placement.experts_of(i)), dtype), name=f"shard{i}",
-                                 route_prefix=None))  # fmt: skip
+        bound = app.bind(str(path), i, list(placement.experts_of(i)), {"dtype": dtype}, "cpu")
+        handles.append(serve.run(bound, name=f"shard{i}", route_prefix=None))
     return handles
 
 

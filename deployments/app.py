@@ -17,7 +17,8 @@ from deployments.engine_deployment import EngineFactory, EngineReplica, NativeEn
 from deployments.ingress import Ingress
 from deployments.retriever_deployment import Retriever
 from deployments.shard_deployment import ExpertShard
-from router.placement import Placement, build_placement
+from router.placement import LayeredPlacement, PlacementError, build_placement
+from router.rebalance import read_placement
 from serving.model.config import ModelConfig
 from serving.vllm_engine import require_vllm, vllm_env
 
@@ -30,6 +31,8 @@ def validate(args: dict[str, Any] | AppConfig) -> AppConfig:
     """The validated config, with its paths made absolute (replicas may run in another folder)."""
     cfg = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
     update: dict[str, Any] = {"model": _absolute(cfg.model)}
+    if cfg.placement_file is not None:
+        update["placement_file"] = _absolute(cfg.placement_file)
     if cfg.retrieval is not None:
         paths = {"store_path": _absolute(cfg.retrieval.store_path)}
         paths["ingest_on_start"] = [_absolute(p) for p in cfg.retrieval.ingest_on_start]
@@ -37,12 +40,23 @@ def validate(args: dict[str, Any] | AppConfig) -> AppConfig:
     return cfg.model_copy(update=update)
 
 
-def plan_placement(cfg: AppConfig) -> Placement | None:
-    """Which shard holds which experts; None when the experts stay in the router (shards=0)."""
+def plan_placement(cfg: AppConfig) -> LayeredPlacement | None:
+    """Which shard holds which experts in each MoE layer; None when the experts stay in the router (shards=0)."""
     if cfg.shards == 0:
         return None
-    num_experts = ModelConfig.from_pretrained(cfg.model).num_experts
-    return build_placement(cfg.placement, num_experts, cfg.shards, cfg.explicit_placement)
+    model = ModelConfig.from_pretrained(cfg.model)
+    layers = len(model.moe_layer_ids)
+    if cfg.placement != "file":
+        placement = build_placement(cfg.placement, model.num_experts, cfg.shards, cfg.explicit_placement)
+        return LayeredPlacement.uniform(placement, layers)
+    assert cfg.placement_file is not None  # the config's validator: required with placement: file
+    layered = read_placement(cfg.placement_file, model.num_experts)
+    if (layered.num_layers, layered.num_shards) != (layers, cfg.shards):
+        raise PlacementError(
+            f"placement_file {cfg.placement_file}: {layered.num_layers} layers of {layered.num_shards} shards, but "
+            f"the model has {layers} MoE layers and the config shards={cfg.shards}"
+        )
+    return layered
 
 
 def build_app(args: dict[str, Any] | AppConfig) -> Application:
@@ -90,7 +104,7 @@ def _native_engine(cfg: AppConfig, config: dict) -> EngineFactory:
         ).bind(
             cfg.model,
             i,
-            list(placement.experts_of(i)),
+            [list(ids) for ids in placement.experts_of(i)],  # per MoE layer
             cfg.engine_config.model_dump(),
             cfg.accelerator,
             model_name=cfg.model_name,

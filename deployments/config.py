@@ -16,7 +16,7 @@ from serving.retrieval.chunking import DEFAULT_MAX_TOKENS, DEFAULT_OVERLAP_TOKEN
 from serving.vllm_engine import VLLMOptions
 
 # Fields that only the native engine reads (expert shards); with engine: vllm setting one is an error.
-NATIVE_ONLY = ("shards", "shard_replicas", "placement", "explicit_placement", "shard_resources")
+NATIVE_ONLY = ("shards", "shard_replicas", "placement", "explicit_placement", "placement_file", "shard_resources")
 
 
 class ResourceConfig(BaseModel):
@@ -201,11 +201,18 @@ class AppConfig(BaseModel):
         2, ge=0, description="Expert shards (ExpertShard-<i> deployments); 0 keeps experts in the router."
     )
     shard_replicas: int = Field(1, ge=1, description="Replicas of each shard.")
-    placement: Literal["contiguous", "round_robin", "explicit"] = Field(
-        "contiguous", description="How experts are assigned to shards."
+    placement: Literal["contiguous", "round_robin", "explicit", "file"] = Field(
+        "contiguous",
+        description="How experts are assigned to shards: the same way in every MoE layer (contiguous, round_robin, "
+        "explicit), or per layer from placement_file (file).",
     )
     explicit_placement: list[list[int]] | None = Field(
         None, description="With placement: explicit, the expert ids of each shard (one list per shard)."
+    )
+    placement_file: str | None = Field(
+        None,
+        description="With placement: file, a JSON file with a per-layer placement under `placement`, as "
+        "`moe-serve rebalance --json` writes it (docs/placement.md).",
     )
     routers: int = Field(
         1, ge=1, description="Router replicas (dense layers, gate, KV cache; they share the shards), or vLLM replicas."
@@ -243,6 +250,8 @@ class AppConfig(BaseModel):
     def _placement_fits(self) -> AppConfig:
         if (self.placement == "explicit") != (self.explicit_placement is not None):
             raise ValueError("explicit_placement is required with placement: explicit, and only then")
+        if (self.placement == "file") != (self.placement_file is not None):
+            raise ValueError("placement_file is required with placement: file, and only then")
         if self.explicit_placement is not None and len(self.explicit_placement) != self.shards:
             raise ValueError(f"explicit_placement lists {len(self.explicit_placement)} shards but shards={self.shards}")
         return self

@@ -21,7 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.config import AppConfig
 from deployments.metrics import RaySink
 from deployments.transport import HandleTransport
-from router.placement import Placement
+from router.placement import LayeredPlacement
 from serving.engine_client import RequestOutput, SamplingParams, ServedEngine
 
 
@@ -43,7 +43,7 @@ class NativeEngineFactory:
     """Our engine; with a placement, the experts live on `shards` (handles of ExpertShard-<i>, in order)."""
 
     config: dict  # AppConfig, dumped (validated once in build_app, again in the replica)
-    placement: Placement | None
+    placement: LayeredPlacement | None
     shards: list[DeploymentHandle] = field(default_factory=list)
     deployment_name: str = "Router"
 
@@ -78,16 +78,24 @@ class NativeEngineFactory:
                 self.shard_versions(),
             )  # fmt: skip
             policy = RetryPolicy(wait_s=failover.shard_wait_s)
-            experts = ShardedExpertBackend(self.placement, transport, policy, sink, name)
+            per_layer = dict(zip(model.config.moe_layer_ids, self.placement.layers, strict=True))
+            experts = ShardedExpertBackend(per_layer, transport, policy, sink, name)
         labels = {"model": name, "replica": replica}
         engine = LLMEngine(model, experts, Tokenizer(cfg.model), cfg.engine_config, metrics=sink, metric_labels=labels)
         return AsyncEngine(engine, name="router")
 
     def shard_versions(self) -> list[str]:
         from serving.experts.sharded import shard_version
+        from serving.model.config import ModelConfig
 
+        if self.placement is None:
+            return []
         model = AppConfig.model_validate(self.config).model
-        return [shard_version(model, s, ids) for s, ids in enumerate(self.placement.shards)] if self.placement else []
+        layers = ModelConfig.from_pretrained(model).moe_layer_ids
+        return [
+            shard_version(model, s, dict(zip(layers, self.placement.experts_of(s), strict=True)))
+            for s in range(self.placement.num_shards)
+        ]
 
 
 @dataclass(frozen=True)

@@ -43,18 +43,29 @@ class ExpertShard:
         self,
         model_path: str,
         shard_id: int,
-        expert_ids: list[int],
+        expert_ids: list[int] | list[list[int]],
         engine_config: dict,
         accelerator: str,
         model_name: str | None = None,
-        router_wait_s: float = 30.0,
+        router_wait_s: float | None = None,
     ):
-        self.shard_id, self.expert_ids = shard_id, list(expert_ids)
+        """expert_ids: the experts it holds in every MoE layer, or one list per MoE layer in model order.
+        router_wait_s: how long to wait for a router of this version before reporting ready (the app sets
+        failover.router_wait_s); None: ready at once (shards deployed on their own, as in benchmarks)."""
+        cfg = ModelConfig.from_pretrained(model_path)
+        per_layer = (
+            expert_ids if expert_ids and isinstance(expert_ids[0], list) else [expert_ids] * len(cfg.moe_layer_ids)
+        )
+        if len(per_layer) != len(cfg.moe_layer_ids):
+            raise ValueError(
+                f"ExpertShard-{shard_id}: {len(per_layer)} expert lists for {len(cfg.moe_layer_ids)} MoE layers"
+            )
+        self.shard_id = shard_id
+        self.expert_ids = {layer: sorted(ids) for layer, ids in zip(cfg.moe_layer_ids, per_layer, strict=True)}
         self.version = shard_version(model_path, shard_id, self.expert_ids)
         config = EngineConfig.model_validate(engine_config)
         replica = serve.get_replica_context().replica_tag
         self.device = resolve_device(config.device, accelerator, f"ExpertShard-{shard_id} replica {replica}")
-        cfg = ModelConfig.from_pretrained(model_path)
         ckpt = Checkpoint(model_path, fp8_block=cfg.fp8_block)  # fp8: only these experts' weights and scales
         self.layers = load_experts(
             ckpt, cfg, self.expert_ids, torch_dtype(config.dtype), self.device, config.expert_kernel
@@ -63,7 +74,8 @@ class ExpertShard:
         self.kernel = kernel_of(self.layers)  # resolved here, where it runs: "auto" becomes loop or vllm
         labels = {"model": model_name or Path(model_path).name, "kernel": self.kernel}
         RaySink().record(EXPERT_KERNEL, 1, labels)
-        await self._wait_for_a_router_of_this_version(router_wait_s)
+        if router_wait_s is not None:
+            await self._wait_for_a_router_of_this_version(router_wait_s)
 
     async def _wait_for_a_router_of_this_version(self, wait_s: float) -> None:
         """Return once a running Router replica sends this shard's version, or after `wait_s`. (Serve's

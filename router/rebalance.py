@@ -22,11 +22,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from router.placement import LayeredPlacement, Placement
+from router.placement import LayeredPlacement, Placement, PlacementError
 from router.planner import balancedness, plan, slot_counts
 
 # L = MoE layers, E = experts
@@ -72,6 +73,24 @@ def parse_load(obj: object, source: str) -> Tensor:
                 raise LoadFileError(f"{source}: load[{i}][{e}] = {n!r}; counts must be finite numbers >= 0")
     integral = all(isinstance(n, int) for counts in layers for n in counts)
     return torch.tensor(layers, dtype=torch.int64 if integral else torch.float64)  # [L, E]
+
+
+def read_placement(path: str, num_experts: int) -> LayeredPlacement:
+    """The per-layer placement in the JSON file at `path`: its ``placement`` field, as ``--json`` writes it
+    (the report's other fields are ignored), so a plan can be served as it is (``placement: file``).
+    Every problem is a PlacementError naming the file and, for a bad layout, the layer and shard."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise PlacementError(f"placement_file {path}: cannot read it ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise PlacementError(f"placement_file {path}: not JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(obj, dict) or "placement" not in obj:
+        raise PlacementError(f"placement_file {path}: expected an object with a 'placement' field (rebalance --json)")
+    try:
+        return LayeredPlacement.from_json(obj["placement"], num_experts)
+    except PlacementError as e:
+        raise PlacementError(f"placement_file {path}: {e}") from None
 
 
 @dataclass(frozen=True)

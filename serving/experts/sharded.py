@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -65,11 +65,12 @@ class ShardFailure:
     detail: str = ""
 
 
-def shard_version(model_path: str, shard: int, expert_ids: Sequence[int]) -> str:
-    """What a router and a shard replica must agree on: the checkpoint and the experts the shard holds.
-    Every call carries the router's version for that shard; a replica of another version refuses it."""
-    key = f"{model_path}|{shard}|{','.join(map(str, sorted(expert_ids)))}"
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+def shard_version(model_path: str, shard: int, expert_ids: Mapping[int, Sequence[int]]) -> str:
+    """What a router and a shard replica must agree on: the checkpoint and the experts the shard holds in
+    each MoE layer ({model layer index: expert ids}). Every call carries the router's version for that
+    shard; a replica of another version refuses it."""
+    held = ";".join(f"{layer}:{','.join(map(str, sorted(ids)))}" for layer, ids in sorted(expert_ids.items()))
+    return hashlib.sha256(f"{model_path}|{shard}|{held}".encode()).hexdigest()[:16]
 
 
 class ShardTransport(Protocol):
@@ -95,8 +96,28 @@ class RetryPolicy:
     stale_wait_s: float = 1.0
 
 
+@dataclass
+class _Layout:
+    """One layer's placement as dispatch uses it."""
+
+    placement: Placement
+    holders: list[tuple[int, ...]]  # [E] shards holding each expert
+    replicated: bool
+    expert_to_shard: Tensor  # [E] first holders: the map when nothing is replicated
+
+    @classmethod
+    def of(cls, placement: Placement) -> _Layout:
+        holders = placement.holder_table()
+        expert_to_shard = placement.expert_to_shard()
+        check_expert_map(expert_to_shard, placement.num_shards)  # once, not per call
+        return cls(placement, holders, any(len(h) > 1 for h in holders), expert_to_shard)
+
+
 class ShardedExpertBackend:
     """ExpertBackend whose experts live on the shards of `placement`, reached through `transport`.
+
+    placement: one Placement for every MoE layer, or one per MoE layer keyed by the model's layer index
+    (shards may hold different experts in different layers; every layer has the same shards).
 
     >>> backend = ShardedExpertBackend(Placement.contiguous(8, 2), InProcessTransport(shard_experts))
     >>> out = backend(layer, hidden, weights, ids)  # same numbers as LocalExpertBackend
@@ -104,29 +125,43 @@ class ShardedExpertBackend:
 
     def __init__(
         self,
-        placement: Placement,
+        placement: Placement | Mapping[int, Placement],
         transport: ShardTransport,
         policy: RetryPolicy | None = None,
         metrics: MetricsSink | None = None,
         model: str = "model",
     ):
-        self.placement, self.transport, self.policy = placement, transport, policy or RetryPolicy()
+        self.transport, self.policy = transport, policy or RetryPolicy()
         self.metrics, self.model = metrics or NullSink(), model
-        self.holders = placement.holder_table()  # [E] shards holding each expert
-        self.replicated = any(len(h) > 1 for h in self.holders)
-        self.expert_to_shard = placement.expert_to_shard()  # [E] first holders: the map when nothing is replicated
-        check_expert_map(self.expert_to_shard, placement.num_shards)  # once, not per call
+        self.every_layer: _Layout | None = None  # one placement for every layer, or
+        self.layouts: dict[int, _Layout] = {}  # one per MoE layer (model layer index)
+        if isinstance(placement, Placement):
+            self.every_layer = _Layout.of(placement)
+        else:
+            self.layouts = {layer: _Layout.of(p) for layer, p in placement.items()}
+        layouts = [self.every_layer] if self.every_layer else list(self.layouts.values())
+        if not layouts or len({lay.placement.num_shards for lay in layouts}) > 1:
+            raise ValueError("ShardedExpertBackend: needs a placement, the same shards in every layer")
+        self.num_shards = layouts[0].placement.num_shards
+        self.replicated = any(lay.replicated for lay in layouts)  # any layer: the probes serve them all
         self.failed: set[int] = set()  # shards replicated experts keep off until they answer again
         self._probing: set[int] = set()
         self._lock = threading.Lock()  # `failed` is shared with the probe threads
 
+    def _layout(self, layer: int, device: torch.device) -> _Layout:
+        layout = self.every_layer or self.layouts.get(layer)
+        if layout is None:
+            raise KeyError(f"ShardedExpertBackend: no placement for layer {layer} (have {sorted(self.layouts)})")
+        if layout.expert_to_shard.device != device:  # once: the map lives where the gate's ids are
+            layout.expert_to_shard = layout.expert_to_shard.to(device)
+        return layout
+
     def __call__(self, layer: int, hidden: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
-        if self.expert_to_shard.device != ids.device:  # once: the map lives where the gate's ids are
-            self.expert_to_shard = self.expert_to_shard.to(ids.device)
+        layout = self._layout(layer, ids.device)
         out = torch.zeros_like(hidden)  # [T, D]
         pending, deadline, stale_deadline, pause = flatten(weights, ids), None, None, self.policy.pause_s
         while True:
-            batches, failed = self._send(layer, hidden, pending, out)
+            batches, failed = self._send(layer, layout, hidden, pending, out)
             if not failed:
                 return out
             now = time.monotonic()
@@ -148,7 +183,7 @@ class ShardedExpertBackend:
                 self._mark_failed(shard)
                 self.metrics.record(SHARD_RETRIES, 1, {"model": self.model, "shard": str(shard)})
             pending = _concat([_assignments(batches[shard]) for shard in sorted(failed)])
-            if self._movable(pending, failed):
+            if self._movable(layout, pending, failed):
                 for shard in failed:
                     self.metrics.record(SHARD_FAILOVERS, 1, {"model": self.model, "shard": str(shard)})
             else:  # every row waits for a shard that just failed: give Serve time to bring a replica up
@@ -156,12 +191,12 @@ class ShardedExpertBackend:
                 pause = min(2 * pause, self.policy.max_pause_s)
 
     def _send(
-        self, layer: int, hidden: Tensor, assignments: Assignments, out: Tensor
+        self, layer: int, layout: _Layout, hidden: Tensor, assignments: Assignments, out: Tensor
     ) -> tuple[list[ShardBatch | None], dict[int, ShardFailure]]:
         """One round: call the shards `assignments` need, add what comes back into `out` (in shard order).
         Returns the round's batches and the failed shards with why."""
-        shard_of = self._route(assignments)  # [A]
-        batches = split_assignments(assignments, shard_of, self.placement.num_shards, hidden.shape[0])
+        shard_of = self._route(layout, assignments)  # [A]
+        batches = split_assignments(assignments, shard_of, self.num_shards, hidden.shape[0])
         calls = {
             shard: ShardCall(hidden[b.rows], b.local_rows, b.experts, b.weights)  # [R_s, D], [A_s] x3
             for shard, b in enumerate(batches)
@@ -180,15 +215,15 @@ class ShardedExpertBackend:
                         self.failed.discard(shard)  # it answers again
         return batches, failed
 
-    def _route(self, assignments: Assignments) -> Tensor:
+    def _route(self, layout: _Layout, assignments: Assignments) -> Tensor:
         """[A] the shard each assignment goes to now: its expert's only holder, or for a replicated expert the
         live holder split_rows gives it (avoiding shards recently failed; one host sync for the counts)."""
-        if not self.replicated:
-            return self.expert_to_shard[assignments.experts]
+        if not layout.replicated:
+            return layout.expert_to_shard[assignments.experts]
         with self._lock:
             avoid = set(self.failed)
-        counts = torch.bincount(assignments.experts, minlength=self.placement.num_experts).tolist()  # host sync
-        return assignment_shards(assignments.experts, split_rows(counts, self.holders, avoid))
+        counts = torch.bincount(assignments.experts, minlength=layout.placement.num_experts).tolist()  # host sync
+        return assignment_shards(assignments.experts, split_rows(counts, layout.holders, avoid))
 
     def _mark_failed(self, shard: int) -> None:
         """Keep replicated experts off `shard`, and probe it in the background until a replica answers."""
@@ -212,10 +247,10 @@ class ShardedExpertBackend:
                 return
             time.sleep(self.policy.max_pause_s)
 
-    def _movable(self, pending: Assignments, failed: dict[int, ShardFailure]) -> bool:
+    def _movable(self, layout: _Layout, pending: Assignments, failed: dict[int, ShardFailure]) -> bool:
         """Whether some of `pending` can go to a holder other than the shards that just failed."""
         experts = set(pending.experts.unique().tolist())
-        return any(set(self.holders[e]) - set(failed) for e in experts)
+        return any(set(layout.holders[e]) - set(failed) for e in experts)
 
 
 def _why(failed: dict[int, ShardFailure]) -> str:

@@ -3,6 +3,7 @@ the accelerator."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,29 @@ def test_placement_that_leaves_an_expert_on_no_shard_names_it(demo_dir):
 
 def test_uneven_contiguous_placement(demo_dir):
     placement = plan_placement(validate({"model": str(demo_dir), "shards": 3}))
-    assert placement.shards == ((0, 1, 2), (3, 4, 5), (6, 7))
+    assert placement.num_layers == 2  # the demo's MoE layers, each the same
+    assert all(layer.shards == ((0, 1, 2), (3, 4, 5), (6, 7)) for layer in placement.layers)
+
+
+def test_a_placement_file_gives_each_layer_its_own_layout_and_a_wrong_one_is_named(demo_dir, tmp_path):
+    """`placement: file` serves what `moe-serve rebalance --json` wrote (its other fields ignored)."""
+    per_layer = [[[0, 1, 2, 3, 7], [4, 5, 6, 7]], [[0, 2, 4, 6], [1, 3, 5, 7, 0]]]  # 7, then 0 held twice
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"balancedness": 0.9, "placement": per_layer}))
+    cfg = validate({"model": str(demo_dir), "shards": 2, "placement": "file", "placement_file": str(path)})
+    placement = plan_placement(cfg)
+    assert [layer.shards for layer in placement.layers] == [
+        ((0, 1, 2, 3, 7), (4, 5, 6, 7)),
+        ((0, 2, 4, 6), (0, 1, 3, 5, 7)),
+    ]
+    path.write_text(json.dumps({"placement": per_layer[:1]}))
+    with pytest.raises(PlacementError, match=r"plan.json: 1 layers of 2 shards, but the model has 2 MoE layers"):
+        plan_placement(cfg)
+    path.write_text(json.dumps({"placement": [per_layer[0], [[0, 1], [2, 3]]]}))
+    with pytest.raises(PlacementError, match=r"plan.json: placement: layer 1: .*experts \[4, 5, 6, 7\] are on no"):
+        plan_placement(cfg)
+    with pytest.raises(ValidationError, match="placement_file is required with placement: file"):
+        AppConfig.model_validate({"model": "x", "placement": "file"})
 
 
 def test_gpu_accelerator_gives_each_replica_one_gpu():

@@ -17,6 +17,7 @@ from deployments.local_cluster import wait_ready
 from serving.demo import make_demo
 from serving.engine.llm_engine import LLMEngine
 from serving.engine_client import SamplingParams
+from serving.model.config import ModelConfig
 
 PROMPTS = ["Experts live on", "The router sends each shard", "Hello"]
 _names = itertools.count()
@@ -46,14 +47,24 @@ def complete(url: str, prompt: str, max_tokens: int = 12) -> dict:
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v3"])
-def test_greedy_over_http_equals_in_process_engine_for_1_2_3_shards(serve_url, demos, arch):
+def test_greedy_over_http_equals_in_process_engine_for_1_2_3_shards(serve_url, demos, arch, tmp_path):
     engine = LLMEngine.from_pretrained(demos[arch])
     want = [
         engine.generate_batch([engine.tokenizer.encode(p)], SamplingParams(max_tokens=12, temperature=0.0))[0].text
         for p in PROMPTS
     ]
+    # 2 shards: a per-layer placement file (other experts in each layer, some on both shards), as
+    # `moe-serve rebalance --json` writes it; 1 and 3: contiguous
+    e = ModelConfig.from_pretrained(demos[arch]).num_experts
+    halves = [[*range(e // 2), e - 1], list(range(e // 2, e))]  # the last expert on both shards
+    parity = [list(range(0, e, 2)), [0, *range(1, e, 2)]]  # even and odd experts; expert 0 on both
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"placement": [halves, parity]}))
+    per_layer = {"placement": "file", "placement_file": str(plan)}
     for shards in (1, 2, 3):
-        url, name = deploy(serve_url, {"model": str(demos[arch]), "shards": shards})
+        url, name = deploy(
+            serve_url, {"model": str(demos[arch]), "shards": shards, **(per_layer if shards == 2 else {})}
+        )
         try:
             got = [complete(url, p)["choices"][0]["text"] for p in PROMPTS]
             assert got == want, f"{arch} with {shards} shards"
@@ -71,7 +82,7 @@ def two_shard_app(serve_url, demos):
 def test_each_shard_loads_only_its_share_of_the_experts(two_shard_app, demos):
     _, name = two_shard_app
     infos = [serve.get_deployment_handle(f"ExpertShard-{i}", name).info.remote().result() for i in (0, 1)]
-    assert [i["expert_ids"] for i in infos] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [i["expert_ids"] for i in infos] == [{0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}, {0: [4, 5, 6, 7], 1: [4, 5, 6, 7]}]
     # 8 experts x 2 MoE layers x 3 matrices of 128 x 64 float32: each shard reads exactly its half
     half = 4 * 2 * 3 * 128 * 64 * 4
     assert [i["bytes_loaded"] for i in infos] == [half, half]

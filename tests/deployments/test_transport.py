@@ -67,16 +67,17 @@ def test_a_call_past_its_timeout_is_a_timeout_failure_not_a_hang(serve_url):
         serve.delete("transport-hung")
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.1})
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.1}, graceful_shutdown_timeout_s=1)
 class SlowFirstCall:
-    """Its first call takes 5 s (a stalled attempt), every later one answers at once."""
+    """Its first call takes 20 s (a stalled attempt), every later one answers at once. (Stopped 1 s after
+    delete, stalled call or not.)"""
 
     def __init__(self):
         self.calls = itertools.count()
 
     def run(self, layer: int, call: ShardCall, version: str | None = None) -> torch.Tensor:
         if next(self.calls) == 0:
-            time.sleep(5.0)
+            time.sleep(20.0)
         return call.hidden * 2
 
     def ping(self) -> bool:
@@ -87,12 +88,12 @@ def test_a_slow_attempt_is_hedged_and_the_first_answer_wins(serve_url):
     handle = serve.run(SlowFirstCall.bind(), name="transport-hedge", route_prefix=None)
     try:
         sink = MemorySink()
-        transport = HandleTransport([handle], sink, model="m", call_timeout_s=8.0, hedge_after_s=0.2)
+        transport = HandleTransport([handle], sink, model="m", call_timeout_s=30.0, hedge_after_s=0.2)
         call = ShardCall(torch.ones(2, 4), torch.tensor([0, 1]), torch.tensor([0, 1]), torch.ones(2))
         assert transport.probe(0, timeout_s=30)
         started = time.perf_counter()
         out = transport.run(0, {0: call})
-        assert time.perf_counter() - started < 3.5  # the hedge's answer, not the stalled attempt's 5 s
+        assert time.perf_counter() - started < 10.0  # the hedge's answer, not the stalled attempt's 20 s
         assert torch.equal(out[0], call.hidden * 2)
         assert sink.values("moe_shard_hedges_total") == [1]
     finally:
@@ -104,17 +105,19 @@ def test_a_call_for_another_app_version_is_refused_as_stale_not_computed(serve_u
     checkpoint, mid rolling update), and the transport reports it as a retryable ShardFailure."""
     from deployments.shard_deployment import ExpertShard
     from serving.experts.sharded import shard_version
+    from serving.model.config import ModelConfig
 
     shard = ExpertShard.options(ray_actor_options={"num_cpus": 0.1})
     handle = serve.run(
-        shard.bind(str(demo_dir), 0, [0, 1, 2, 3], {}, "cpu", router_wait_s=0.1),  # ready at once: no router here
+        shard.bind(str(demo_dir), 0, [0, 1, 2, 3], {}, "cpu"),
         name="transport-stale",
         route_prefix=None,
     )
     try:
         call = ShardCall(torch.ones(2, 128), torch.tensor([0, 1]), torch.tensor([0, 3]), torch.ones(2))
-        right = shard_version(str(demo_dir), 0, [0, 1, 2, 3])
-        wrong = shard_version(str(demo_dir), 0, [0, 1, 2])  # what a router of another placement sends
+        layers = ModelConfig.from_pretrained(demo_dir).moe_layer_ids
+        right = shard_version(str(demo_dir), 0, dict.fromkeys(layers, [0, 1, 2, 3]))
+        wrong = shard_version(str(demo_dir), 0, dict.fromkeys(layers, [0, 1, 2]))  # a router of another placement
         ok = HandleTransport([handle], versions=[right]).run(1, {0: call})
         assert ok[0].shape == (2, 128)
         stale = HandleTransport([handle], versions=[wrong]).run(1, {0: call})

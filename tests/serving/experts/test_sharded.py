@@ -260,3 +260,18 @@ def test_a_shard_of_another_app_version_is_retried_briefly_then_the_step_moves_o
     with pytest.raises(StalePlacementError, match=r"shard\(s\) \[1\].*another app version.*stale test"):
         ShardedExpertBackend(placement, lasting, policy)(LAYER, hidden, weights, ids)
     assert 0.2 <= time.monotonic() - start < 2.0
+
+
+def test_each_layer_may_place_its_experts_differently():
+    """A per-layer placement ({layer: Placement}): shards hold other experts in each layer (a replicated one
+    too), and every layer still equals the in-process experts."""
+    layouts = {1: Placement.contiguous(E, 2), 3: Placement.explicit(E, [[0, 2, 4, 6, 7], [1, 3, 5, 7]])}
+    shards = {s: {layer: experts(p.experts_of(s)) for layer, p in layouts.items()} for s in range(2)}
+    every = {layer: experts(range(E)) for layer in layouts}
+    backend = ShardedExpertBackend(layouts, CountingTransport(shards))
+    hidden, weights, ids = _layer_inputs(tokens=16)
+    for layer in layouts:
+        want = LocalExpertBackend(every)(layer, hidden, weights, ids)
+        torch.testing.assert_close(backend(layer, hidden, weights, ids), want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(KeyError, match="no placement for layer 2"):
+        backend(2, hidden, weights, ids)

@@ -74,6 +74,20 @@ def test_only_the_asked_experts_are_read(mixtral_dir):
     assert part.bytes_read * 4 == full.bytes_read
 
 
+def test_each_moe_layer_may_load_other_experts(mixtral_dir):
+    """{layer: ids}: a per-layer placement's shard reads, in each layer, only that layer's experts."""
+    cfg = ModelConfig.from_pretrained(mixtral_dir)
+    first, second = cfg.moe_layer_ids
+    every, part = Checkpoint(mixtral_dir), Checkpoint(mixtral_dir)
+    full = load_experts(every, cfg, list(range(8)), torch.float32)
+    held = load_experts(part, cfg, {first: [1, 6], second: [0, 2, 7]}, torch.float32)
+    assert (held[first].expert_ids.tolist(), held[second].expert_ids.tolist()) == ([1, 6], [0, 2, 7])
+    torch.testing.assert_close(held[second].gate_up, full[second].gate_up[[0, 2, 7]], rtol=0, atol=0)
+    assert part.bytes_read * 8 == every.bytes_read * 5 // 2  # 2 + 3 of 8 experts in the two layers
+    with pytest.raises(CheckpointError, match=rf"no expert ids for MoE layers \[{second}\]"):
+        load_experts(Checkpoint(mixtral_dir), cfg, {first: [1]}, torch.float32)
+
+
 def config_dict(mixtral_dir):
     return json.loads((mixtral_dir / "config.json").read_text())
 
