@@ -4,7 +4,7 @@
 >>> params = req.sampling_params(prompt_tokens=len(prompt_ids), max_model_len=2048)
 
 Which fields are accepted (a field not listed here is refused with a 400 naming it, never ignored):
-- supported: model, max_tokens (chat also max_completion_tokens), temperature (0..2), top_p, stop (up to 4),
+- supported: model, max_tokens (chat also max_completion_tokens), temperature (0..2), top_p, stop (up to 16),
   seed, stream, stream_options.include_usage, user (ignored), and per route: completions prompt, echo,
   logprobs (0..5; with echo the prompt's tokens are scored too); chat messages (system/user/assistant,
   string or text-part content), logprobs (bool), top_logprobs (0..20). Extensions, as in vLLM: top_k,
@@ -35,7 +35,10 @@ from serving.api.retrieval_bodies import RetrievalOptions
 from serving.engine_client import MAX_LOGPROBS, SamplingParams
 from serving.errors import RequestError
 
-MAX_STOP_STRINGS = 4  # as OpenAI
+# OpenAI takes 4, vLLM any number. lm-evaluation-harness sends a task's `until` strings and, with num_concurrent=1,
+# the EOS string: up to 7 for the tasks of lm-eval 0.4.13, 6 for HumanEval. Each costs one search of a few
+# held-back characters per generated token.
+MAX_STOP_STRINGS = 16
 MAX_COMPLETION_LOGPROBS = 5  # /v1/completions `logprobs` is capped at 5 by OpenAI; chat allows MAX_LOGPROBS
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 

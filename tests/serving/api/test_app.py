@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from serving.api.app import build_api, load_api_keys
+from serving.api.requests import MAX_STOP_STRINGS
 from serving.engine.async_engine import AsyncEngine
 from serving.engine.llm_engine import LLMEngine
 from serving.engine_client import EngineConfig, RequestOutput, SamplingParams
@@ -114,6 +115,23 @@ def test_greedy_completion_is_the_engines_token_for_token(app, reference, prompt
         "completion_tokens": len(want.token_ids),
         "total_tokens": len(ids) + len(want.token_ids),
     }
+
+
+def test_up_to_sixteen_stop_strings_end_text_as_the_engine_does(app, reference):
+    """lm-evaluation-harness sends a task's `until` strings and the EOS string (HumanEval: 5 + 1), past OpenAI's 4."""
+    ids = reference.tokenizer.encode(PROMPT)
+    [free] = reference.generate_batch([ids], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    cut = free.text[len(free.text) // 2 :].strip()[:2]  # a stop string the greedy text reaches halfway
+    assert cut, f"the greedy text {free.text!r} has nothing to stop at"
+    stop = [f"<never {i}>" for i in range(MAX_STOP_STRINGS - 1)] + [cut]
+    [want] = reference.generate_batch(
+        [ids], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=tuple(stop))
+    )
+    r = run(post(app, "/v1/completions", completion(max_tokens=12, ignore_eos=True, stop=stop)))
+    assert r.status_code == 200, r.text
+    [choice] = r.json()["choices"]
+    assert (choice["text"], choice["finish_reason"]) == (want.text, "stop")
+    assert len(want.text) < len(free.text) and cut not in want.text, "the last of the 16 strings ended it"
 
 
 def test_openai_client_completion_and_its_stream_agree(app, reference):
@@ -227,7 +245,8 @@ def test_echo_with_logprobs_scores_the_prompt_then_the_output(app, reference):
 
 
 def test_max_tokens_zero_with_echo_scores_token_ids_without_generating(app, reference):
-    """What lm-evaluation-harness sends for loglikelihood: token ids, echo, logprobs, and no new tokens."""
+    """Scoring token ids without generating: echo, logprobs, max_tokens 0 (lm-eval 0.4 sends max_tokens 1 and
+    drops the generated token: tests/serving/api/test_lm_eval.py)."""
     ids = reference.tokenizer.encode(PROMPT)
     [want] = reference.generate_batch([ids], SamplingParams(max_tokens=0, prompt_logprobs=1))
 
@@ -316,6 +335,7 @@ BAD_REQUESTS = [
     ("out of range", "/v1/completions", completion(top_p=0), 400, "top_p:"),
     ("penalty", "/v1/chat/completions", {**chat(), "presence_penalty": 0.5}, 400, "presence_penalty:"),
     ("two prompts", "/v1/completions", completion(prompt=["a", "b"]), 400, "prompt: 2 prompts"),
+    ("17 stop strings", "/v1/completions", completion(stop=[str(i) for i in range(17)]), 400, "at most 16"),
     ("empty prompt", "/v1/completions", completion(prompt=[]), 400, "prompt: empty"),
     ("token id past vocab", "/v1/completions", completion(prompt=[10**6]), 400, "outside the vocabulary"),
     ("prompt too long", "/v1/completions", completion(prompt=LONG_TEXT), 400, "maximum context length"),

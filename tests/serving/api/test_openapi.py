@@ -12,19 +12,16 @@ import asyncio
 import json
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
-from deployments.local_cluster import free_port
 from serving.api.app import build_api
 from serving.api.retrieval import Retrieval
 from serving.tokenizer import Tokenizer
 from tests.serving.api.fakes import MemoryRetriever, ScriptedEngine
+from tests.serving.api.live_server import live_server
 
 MODEL = "demo"
 MAX_MODEL_LEN = 256
@@ -45,18 +42,8 @@ def make_app(tokenizer_dir):
 @pytest.fixture(scope="module")
 def server(tokenizer_dir):
     """The app on uvicorn at http://127.0.0.1:<free port>, in a thread of this process."""
-    port = free_port()
-    config = uvicorn.Config(make_app(tokenizer_dir), host="127.0.0.1", port=port, log_level="warning")
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    uv.should_exit = True
-    thread.join(10)
+    with live_server(make_app(tokenizer_dir)) as url:
+        yield url
 
 
 def test_schemathesis_finds_nothing_outside_the_baseline(server, tmp_path):
