@@ -1,5 +1,5 @@
 """The expert-sharded app on a real Ray cluster: HTTP output equals the in-process engine, token for
-token, for three architectures and 1-3 shards; concurrency; shard memory; the official openai client."""
+token, for three architectures and three layouts; concurrency; shard memory; the official openai client."""
 
 from __future__ import annotations
 
@@ -46,30 +46,38 @@ def complete(url: str, prompt: str, max_tokens: int = 12) -> dict:
     return r.json()
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v3"])
-def test_greedy_over_http_equals_in_process_engine_for_1_2_3_shards(serve_url, demos, arch, tmp_path):
+def per_layer_plan(folder, num_experts: int) -> dict:
+    """A placement file as `moe-serve rebalance --json` writes it, for the demo's two MoE layers: other
+    experts on each shard in each layer, and one expert of each layer on both shards."""
+    e = num_experts
+    halves = [[*range(e // 2), e - 1], list(range(e // 2, e))]  # layer 0: the last expert on both shards
+    parity = [list(range(0, e, 2)), [0, *range(1, e, 2)]]  # layer 1: even and odd experts; expert 0 on both
+    path = folder / "plan.json"
+    path.write_text(json.dumps({"placement": [halves, parity]}))
+    return {"shards": 2, "placement": "file", "placement_file": str(path)}
+
+
+# One app per architecture, each with another layout: every expert on one shard, an uneven split over three
+# (16 experts: 6/5/5), and a per-layer placement with replicated experts. (tests/serving/experts covers
+# every layout with every shard count in process; this checks the deployed path of each.)
+LAYOUTS = {"qwen2_moe": "1 shard", "deepseek_v3": "3 shards", "mixtral": "per-layer file"}
+
+
+@pytest.mark.parametrize("arch", list(LAYOUTS))
+def test_greedy_over_http_equals_in_process_engine(serve_url, demos, arch, tmp_path):
     engine = LLMEngine.from_pretrained(demos[arch])
     want = [
         engine.generate_batch([engine.tokenizer.encode(p)], SamplingParams(max_tokens=12, temperature=0.0))[0].text
         for p in PROMPTS
     ]
-    # 2 shards: a per-layer placement file (other experts in each layer, some on both shards), as
-    # `moe-serve rebalance --json` writes it; 1 and 3: contiguous
-    e = ModelConfig.from_pretrained(demos[arch]).num_experts
-    halves = [[*range(e // 2), e - 1], list(range(e // 2, e))]  # the last expert on both shards
-    parity = [list(range(0, e, 2)), [0, *range(1, e, 2)]]  # even and odd experts; expert 0 on both
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"placement": [halves, parity]}))
-    per_layer = {"placement": "file", "placement_file": str(plan)}
-    for shards in (1, 2, 3):
-        url, name = deploy(
-            serve_url, {"model": str(demos[arch]), "shards": shards, **(per_layer if shards == 2 else {})}
-        )
-        try:
-            got = [complete(url, p)["choices"][0]["text"] for p in PROMPTS]
-            assert got == want, f"{arch} with {shards} shards"
-        finally:
-            serve.delete(name)
+    layout = {"1 shard": {"shards": 1}, "3 shards": {"shards": 3}}.get(LAYOUTS[arch])
+    layout = layout or per_layer_plan(tmp_path, ModelConfig.from_pretrained(demos[arch]).num_experts)
+    url, name = deploy(serve_url, {"model": str(demos[arch]), **layout})
+    try:
+        got = [complete(url, p)["choices"][0]["text"] for p in PROMPTS]
+        assert got == want, f"{arch} with {LAYOUTS[arch]}"
+    finally:
+        serve.delete(name)
 
 
 @pytest.fixture(scope="module")
