@@ -147,3 +147,12 @@ def test_failover_bounds_must_be_in_order():
         AppConfig.model_validate({"model": "x", "failover": {"shard_hedge_after_s": 6}})
     with pytest.raises(ValidationError, match="shard_call_timeout_s=40.0 must be <= shard_wait_s=30.0"):
         AppConfig.model_validate({"model": "x", "failover": {"shard_call_timeout_s": 40}})
+
+
+def test_the_expert_load_window_is_a_bounded_number_of_seconds():
+    assert AppConfig.model_validate({"model": "x"}).engine_config.expert_load_window_s == 60.0
+    cfg = AppConfig.model_validate({"model": "x", "engine_config": {"expert_load_window_s": 300}})
+    assert cfg.engine_config.expert_load_window_s == 300.0
+    for bad in (0, 0.5, 86401):  # under a second (a unit slip: ms?) or over a day
+        with pytest.raises(ValidationError, match="expert_load_window_s"):
+            AppConfig.model_validate({"model": "x", "engine_config": {"expert_load_window_s": bad}})
