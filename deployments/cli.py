@@ -6,6 +6,7 @@
     moe-serve plan --model DIR --gpu-memory GiB ...      size a GPU deployment (shards, routers, KV room)
     moe-serve ingest PATH... [--url URL] [--delete]     chunk, embed and store files for retrieval (RAG)
     moe-serve loadtest --url URL [--users N] ...         load-test an OpenAI-compatible server, write a report
+    moe-serve rebalance --url URL [--save FILE]          a running server's expert load: summary, or a load file
 
 Heavy imports (torch, transformers, Ray) happen inside each subcommand, so `--help` is instant.
 """
@@ -190,6 +191,34 @@ def _loadtest(args: argparse.Namespace) -> int:
     return run_loadtest(test)
 
 
+def _rebalance(args: argparse.Namespace) -> int:
+    """One function per source (the `source` argument group): --url reads a running server's load."""
+    return _rebalance_fetch(args)
+
+
+def _rebalance_fetch(args: argparse.Namespace) -> int:
+    """--url: GET the server's /v1/admin/expert-load; write it as a load file (--save) or print a summary."""
+    from serving.errors import ConfigError
+    from serving.expert_load import ExpertLoadFetchError, fetch_expert_load
+
+    try:
+        load = fetch_expert_load(args.url, _secret(args.api_key_env, "--api-key-env", required=False))
+    except (ConfigError, ExpertLoadFetchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.save is None:
+        print(load.summary())
+        return 0
+    try:
+        Path(args.save).write_text(json.dumps(load.to_json()) + "\n")
+    except OSError as e:
+        print(f"error: --save {args.save}: {e}", file=sys.stderr)
+        return 2
+    layers, rows = len(load.layers), sum(map(sum, load.load))
+    print(f"wrote the expert load of {layers} MoE layers ({rows} rows, {load.routers} router(s)) to {args.save}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-serve", description="Expert-parallel MoE serving on Ray Serve.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -269,6 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--ignore-eos", action="store_true", help="ask for exactly max_tokens tokens (vLLM extension)")
     load.add_argument("--seed", type=int, default=0, help="prompt seed (default: 0)")
     load.set_defaults(func=_loadtest)
+
+    rebalance = sub.add_parser("rebalance", help="expert load: fetch a running server's (--url) as a load file")
+    source = rebalance.add_mutually_exclusive_group(required=True)
+    source.add_argument("--url", help="a running moe-serve server: read its GET /v1/admin/expert-load")
+    rebalance.add_argument("--save", metavar="FILE",
+                           help="with --url: write it as a load file, JSON (default: print a summary)")  # fmt: skip
+    rebalance.add_argument("--api-key-env", metavar="VAR", default="MOE_SERVE_ADMIN_KEY",
+                           help="with --url: env var holding an admin key (default: MOE_SERVE_ADMIN_KEY)")  # fmt: skip
+    rebalance.set_defaults(func=_rebalance)
     return parser
 
 

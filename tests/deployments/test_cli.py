@@ -12,9 +12,14 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from deployments.cli import main
+from serving.api.app import build_api
 from serving.demo import FP8_QUANTIZATION_CONFIG
 from serving.engine.llm_engine import LLMEngine
 from serving.engine_client import SamplingParams
+from serving.tokenizer import Tokenizer
+from tests.serving.api.fakes import FixedExpertLoad, ScriptedEngine
+from tests.serving.api.server import running
 
 MOE_SERVE = shutil.which("moe-serve", path=str(Path(sys.executable).parent)) or "moe-serve"
 
@@ -24,7 +29,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([MOE_SERVE, *args], capture_output=True, text=True, env=env, timeout=300)
 
 
-@pytest.mark.parametrize("command", [[], ["make-demo"], ["generate"]])
+@pytest.mark.parametrize("command", [[], ["make-demo"], ["generate"], ["rebalance"]])
 def test_every_subcommand_has_help(command):
     result = cli(*command, "--help")
     assert result.returncode == 0 and "usage: moe-serve" in result.stdout
@@ -88,3 +93,41 @@ def test_make_demo_fp8_writes_deepseeks_layout_and_generates(tmp_path):
 def test_make_demo_fp8_is_only_for_deepseek(tmp_path):
     result = cli("make-demo", "--arch", "mixtral", "--fp8", "--out", str(tmp_path / "x"))
     assert result.returncode == 2 and "deepseek_v3" in result.stderr and "Traceback" not in result.stderr
+
+
+ADMIN, USER = "admin-key-cli", "user-key-cli"
+
+
+@pytest.fixture(scope="module")
+def load_server(tokenizer_dir):
+    """An API server with keys whose expert load is FixedExpertLoad (2 layers of 4 experts, 2 routers)."""
+    tokenizer = Tokenizer(tokenizer_dir)
+    keys = dict(api_keys=frozenset({USER}), admin_keys=frozenset({ADMIN}))
+    app = build_api(ScriptedEngine(tokenizer.vocab_size, 256), tokenizer, "demo", max_model_len=256,
+                    expert_load=FixedExpertLoad(), **keys)  # fmt: skip
+    with running(app) as url:
+        yield url
+
+
+def test_rebalance_saves_a_servers_load_file_or_prints_its_summary(load_server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MOE_SERVE_ADMIN_KEY", ADMIN)
+    out = tmp_path / "load.json"
+    assert main(["rebalance", "--url", load_server, "--save", str(out)]) == 0
+    assert json.loads(out.read_text()) == FixedExpertLoad.LOAD.to_json()
+    assert "wrote the expert load of 2 MoE layers (32 rows, 2 router(s))" in capsys.readouterr().out
+    assert main(["rebalance", "--url", load_server]) == 0
+    summary = capsys.readouterr().out.splitlines()
+    assert "2 router(s)" in summary[0]
+    assert "max/mean  2.50 (expert 0)" in summary[1] and "max/mean  1.00" in summary[2]  # 10 of 16 rows; even
+
+
+def test_rebalance_says_why_it_could_not_fetch_or_save(load_server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LOAD_KEY", USER)
+    assert main(["rebalance", "--url", load_server, "--api-key-env", "LOAD_KEY"]) == 2
+    assert "HTTP 403" in capsys.readouterr().err
+    monkeypatch.delenv("MOE_SERVE_ADMIN_KEY", raising=False)
+    assert main(["rebalance", "--url", load_server]) == 2  # no key sent
+    assert "HTTP 401" in capsys.readouterr().err
+    monkeypatch.setenv("MOE_SERVE_ADMIN_KEY", ADMIN)
+    assert main(["rebalance", "--url", load_server, "--save", str(tmp_path / "no" / "such" / "dir.json")]) == 2
+    assert "--save" in capsys.readouterr().err
