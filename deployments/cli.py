@@ -1,6 +1,7 @@
 """`moe-serve`: the one command-line entry point.
 
-    moe-serve make-demo [--arch mixtral] [--out DIR]     write a small checkpoint (--fp8: DeepSeek-V3's fp8 layout)
+    moe-serve make-demo [--arch mixtral] [--out DIR]     write a small checkpoint (--fp8: DeepSeek-V3's fp8 layout;
+                                                         --router-skew zipf:S: expert load ~ rank^-S)
     moe-serve generate --model DIR --prompt TEXT         complete a raw prompt in this process
     moe-serve run [--config FILE] [--model DIR] ...      serve the OpenAI API on a local Ray cluster
     moe-serve plan --model DIR --gpu-memory GiB ...      size a GPU deployment (shards, routers, KV room)
@@ -27,9 +28,12 @@ def _make_demo(args: argparse.Namespace) -> int:
     from serving.errors import ConfigError
 
     kind = f"{args.arch}{'-fp8' if args.fp8 else ''}"
+    if args.router_skew:
+        kind += f"-{args.router_skew.strip().replace(':', '')}"  # demo-mixtral-zipf1.0
     out = Path(args.out or f".data/demo-{kind}")
     try:
-        make_demo(out, arch=args.arch, seed=args.seed, fused_experts=args.fused_experts, progress=True, fp8=args.fp8)
+        make_demo(out, arch=args.arch, seed=args.seed, fused_experts=args.fused_experts, progress=True, fp8=args.fp8,
+                  router_skew=args.router_skew)  # fmt: skip
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -231,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--fp8", action="store_true", help="deepseek_v3 only: DeepSeek-V3's block-wise fp8 layout (128x128 scales)"
     )
+    demo.add_argument(
+        "--router-skew", metavar="zipf:S",
+        help="bias the gates so each MoE layer's expert load follows Zipf(S): the rank-r expert gets load ~ r^-S "
+        "(e.g. zipf:1.0; ranks drawn per layer from --seed)",
+    )  # fmt: skip
     demo.set_defaults(func=_make_demo)
 
     gen = sub.add_parser("generate", help="complete a raw prompt (no chat template) in this process")

@@ -95,6 +95,11 @@ def test_make_demo_fp8_is_only_for_deepseek(tmp_path):
     assert result.returncode == 2 and "deepseek_v3" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_make_demo_router_skew_is_checked_before_anything_is_written(tmp_path, capsys):
+    assert main(["make-demo", "--router-skew", "uniform", "--out", str(tmp_path / "x")]) == 2
+    assert "router skew 'uniform'" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 ADMIN, USER = "admin-key-cli", "user-key-cli"
 
 
