@@ -1,10 +1,12 @@
 """`moe-serve`: the one command-line entry point.
 
-    moe-serve make-demo [--arch mixtral] [--out DIR]     write a small checkpoint (--fp8: DeepSeek-V3's fp8 layout)
+    moe-serve make-demo [--arch mixtral] [--out DIR]     write a small checkpoint (--fp8: DeepSeek-V3's fp8 layout;
+                                                         --router-skew zipf:S: expert load ~ rank^-S)
     moe-serve generate --model DIR --prompt TEXT         complete a raw prompt in this process
     moe-serve run [--config FILE] [--model DIR] ...      serve the OpenAI API on a local Ray cluster
     moe-serve plan --model DIR --gpu-memory GiB ...      size a GPU deployment (shards, routers, KV room)
     moe-serve rebalance --load FILE --shards N ...      plan expert placement from measured load (docs/placement.md)
+    moe-serve rebalance --url URL [--save FILE] [--shards N ...]   the same from a running server's load
     moe-serve ingest PATH... [--url URL] [--delete]     chunk, embed and store files for retrieval (RAG)
     moe-serve loadtest --url URL [--users N] ...         load-test an OpenAI-compatible server, write a report
 
@@ -27,9 +29,12 @@ def _make_demo(args: argparse.Namespace) -> int:
     from serving.errors import ConfigError
 
     kind = f"{args.arch}{'-fp8' if args.fp8 else ''}"
+    if args.router_skew:
+        kind += f"-{args.router_skew.strip().replace(':', '')}"  # demo-mixtral-zipf1.0
     out = Path(args.out or f".data/demo-{kind}")
     try:
-        make_demo(out, arch=args.arch, seed=args.seed, fused_experts=args.fused_experts, progress=True, fp8=args.fp8)
+        make_demo(out, arch=args.arch, seed=args.seed, fused_experts=args.fused_experts, progress=True, fp8=args.fp8,
+                  router_skew=args.router_skew)  # fmt: skip
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -104,11 +109,22 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _rebalance(args: argparse.Namespace) -> int:
+    """The load from its one source (--load FILE, or --url: a running server's, saved with --save), then, with
+    --shards, the placement planned from it beside contiguous placement's."""
     from router.placement import PlacementError
-    from router.rebalance import LoadFileError, rebalance
+    from router.rebalance import LoadFileError, parse_load, rebalance
 
+    fetched = None
+    if args.url is not None:
+        if (fetched := _rebalance_fetch(args)) is None:
+            return 2
+        if args.shards is None:
+            return 0
+    elif args.shards is None:
+        print("error: --shards is required with --load (the shards to plan for)", file=sys.stderr)
+        return 2
     try:
-        load = _rebalance_load(args)
+        load = parse_load(fetched.to_json(), args.url) if fetched else _rebalance_load(args)
         report = rebalance(load, args.shards, args.redundant, num_groups=args.groups, num_nodes=args.nodes)
     except (LoadFileError, PlacementError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -118,7 +134,7 @@ def _rebalance(args: argparse.Namespace) -> int:
 
 
 def _rebalance_load(args: argparse.Namespace):
-    """The [layers, experts] load from the one source given (today only --load FILE)."""
+    """The [layers, experts] load in the --load FILE."""
     from router.rebalance import LoadFileError, read_load
 
     try:
@@ -216,6 +232,32 @@ def _loadtest(args: argparse.Namespace) -> int:
     return run_loadtest(test)
 
 
+def _rebalance_fetch(args: argparse.Namespace):
+    """--url: GET the server's /v1/admin/expert-load, write it as a load file (--save) or, with nothing to
+    plan, print a summary. Returns the ExpertLoad, or None after saying why it could not."""
+    from serving.errors import ConfigError
+    from serving.expert_load import ExpertLoadFetchError, fetch_expert_load
+
+    try:
+        load = fetch_expert_load(args.url, _secret(args.api_key_env, "--api-key-env", required=False))
+    except (ConfigError, ExpertLoadFetchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    if args.save is None:
+        if args.shards is None:
+            print(load.summary())
+        return load
+    try:
+        Path(args.save).write_text(json.dumps(load.to_json()) + "\n")
+    except OSError as e:
+        print(f"error: --save {args.save}: {e}", file=sys.stderr)
+        return None
+    layers, rows = len(load.layers), sum(map(sum, load.load))
+    said = f"wrote the expert load of {layers} MoE layers ({rows} rows, {load.routers} router(s)) to {args.save}"
+    print(said, file=sys.stderr if args.json else sys.stdout)  # --json: stdout is the report alone
+    return load
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-serve", description="Expert-parallel MoE serving on Ray Serve.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -228,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--fp8", action="store_true", help="deepseek_v3 only: DeepSeek-V3's block-wise fp8 layout (128x128 scales)"
     )
+    demo.add_argument(
+        "--router-skew", metavar="zipf:S",
+        help="bias the gates so each MoE layer's expert load follows Zipf(S): the rank-r expert gets load ~ r^-S "
+        "(e.g. zipf:1.0; ranks drawn per layer from --seed)",
+    )  # fmt: skip
     demo.set_defaults(func=_make_demo)
 
     gen = sub.add_parser("generate", help="complete a raw prompt (no chat template) in this process")
@@ -267,15 +314,21 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--routers", type=int, default=1, help="router replicas, one GPU each (default: 1)")
     plan.set_defaults(func=_plan)
 
-    reb = sub.add_parser("rebalance", help="plan expert placement from measured load, beside contiguous placement")
+    reb = sub.add_parser("rebalance", help="expert load from a file or a running server; a placement planned from it")
     source = reb.add_mutually_exclusive_group(required=True)  # where the load comes from: one of these
     source.add_argument("--load", metavar="FILE", help='JSON {"load": [[rows of each expert] for each MoE layer]}')
-    reb.add_argument("--shards", type=int, required=True, help="expert shards")
+    source.add_argument("--url", help="a running moe-serve server: read its GET /v1/admin/expert-load")
+    reb.add_argument("--save", metavar="FILE",
+                     help="with --url: write the load as a load file, JSON (default: print a summary)")  # fmt: skip
+    reb.add_argument("--api-key-env", metavar="VAR", default="MOE_SERVE_ADMIN_KEY",
+                     help="with --url: env var holding an admin key (default: MOE_SERVE_ADMIN_KEY)")  # fmt: skip
+    reb.add_argument("--shards", type=int, help="plan a placement for this many expert shards (required with --load)")
     reb.add_argument("--redundant", type=int, default=0, help="expert copies beyond one each, per layer (default: 0)")
     reb.add_argument("--groups", type=int, help="with --nodes: expert groups (consecutive ids) kept on one node")
     reb.add_argument("--nodes", type=int, default=1, help="shard nodes for hierarchical placement (default: 1)")
     reb.add_argument("--json", action="store_true", help="print the placement and balancedness as JSON")
     reb.set_defaults(func=_rebalance)
+
     ingest = sub.add_parser("ingest", help="chunk, embed and store .txt/.md files for retrieval (or --delete them)")
     ingest.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (walked recursively)")
     ingest.add_argument("--collection", default="docs", help="Qdrant collection (default: docs)")
@@ -305,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--ignore-eos", action="store_true", help="ask for exactly max_tokens tokens (vLLM extension)")
     load.add_argument("--seed", type=int, default=0, help="prompt seed (default: 0)")
     load.set_defaults(func=_loadtest)
+
     return parser
 
 

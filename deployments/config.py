@@ -189,7 +189,8 @@ class AppConfig(BaseModel):
         default_factory=EngineConfig,
         description="Engine limits and dtype. With engine: vllm, dtype, kv_cache_mb, max_model_len, max_running "
         "and max_batched_tokens map to vLLM's dtype, KV cache bytes, max_model_len, max_num_seqs and "
-        "max_num_batched_tokens; block_size and max_waiting are the native engine's own.",
+        "max_num_batched_tokens; block_size, max_waiting, expert_kernel and expert_load_window_s are the native "
+        "engine's own.",
     )
     vllm: VLLMOptions = Field(
         default_factory=VLLMOptions, description="vLLM's own options (parallelism, eager mode); engine: vllm only."

@@ -23,6 +23,7 @@ from deployments.metrics import RaySink
 from deployments.transport import HandleTransport
 from router.placement import LayeredPlacement
 from serving.engine_client import RequestOutput, SamplingParams, ServedEngine
+from serving.expert_load import ExpertLoad
 
 
 class EngineFactory(Protocol):
@@ -143,6 +144,14 @@ class EngineReplica:
         async with aclosing(self.engine.generate(prompt_ids, params, request_id, resumed_ids)) as stream:
             async for out in stream:  # cancelled by the caller: closing the stream aborts the request
                 yield out
+
+    async def expert_load(self) -> ExpertLoad:
+        """This replica's expert load window (the native engine's; the Ingress broadcasts this to every
+        Router replica and adds the answers up: deployments/expert_load.py)."""
+        measure = getattr(self.engine, "expert_load", None)
+        if measure is None:
+            raise NotImplementedError(f"{type(self.engine).__name__} does not measure expert load")
+        return await measure()
 
     def check_health(self) -> None:
         if not self.engine.alive:

@@ -1,5 +1,6 @@
 """Ingress: the OpenAI-compatible HTTP API (serving/api/app.py) on Serve, with handles to the routers (or the
-vLLM engine) and, when retrieval is on, to the Retriever."""
+vLLM engine) and, when retrieval is on, to the Retriever. GET /v1/admin/expert-load adds up every Router
+replica's window (deployments/expert_load.py); with engine: vllm it is a 404 saying why."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.config import AppConfig, FailoverConfig
+from deployments.expert_load import RouterLoads
 from deployments.metrics import RaySink
 from serving.api.app import build_api, load_api_keys
 from serving.api.retrieval import Retrieval
@@ -27,12 +29,13 @@ from serving.errors import (
     StalePlacementError,
     UnknownCollectionError,
 )
+from serving.expert_load import ROUTE as EXPERT_LOAD_ROUTE
 from serving.metrics import MIGRATIONS, HttpMetrics, MeteredClient, MetricsSink
 from serving.retrieval.ingest import Document, IngestReport
 from serving.retrieval.store import Passage
 from serving.tokenizer import Tokenizer
 
-ROUTES = frozenset({"/v1/models", "/v1/completions", "/v1/chat/completions", "/healthz"})
+ROUTES = frozenset({"/v1/models", "/v1/completions", "/v1/chat/completions", "/healthz", EXPERT_LOAD_ROUTE})
 RETRIEVAL_ROUTES = frozenset({"/v1/retrieve", "/v1/documents", "/v1/collections"})
 # engine refusals the API maps to 4xx/503
 _PASS_THROUGH = (RequestError, EngineOverloadedError, EngineStoppedError, EngineUnavailableError)
@@ -198,6 +201,7 @@ class Ingress:
             max_body_bytes=cfg.max_body_bytes,
             max_model_len=limits["max_model_len"],
             retrieval=retrieval,
+            expert_load=RouterLoads(router) if cfg.engine == "native" else None,
         )
         self.api = HttpMetrics(api, sink, cfg.model_name, ROUTES | RETRIEVAL_ROUTES)
 

@@ -33,6 +33,10 @@ from router.planner import balancedness, plan, slot_counts
 # L = MoE layers, E = experts
 
 
+# What GET /v1/admin/expert-load adds beside `load` (moe-serve rebalance --url --save keeps it): read, not used.
+SERVER_LOAD_FIELDS = ("layers", "num_experts", "window_s", "routers")
+
+
 class LoadFileError(ValueError):
     """A load file that cannot be used: the message names the file, and the layer or expert at fault."""
 
@@ -51,9 +55,12 @@ def parse_load(obj: object, source: str) -> Tensor:
     is an integer, float64 otherwise. Every problem is a LoadFileError naming ``source`` and where."""
     if not isinstance(obj, dict) or "load" not in obj:
         raise LoadFileError(f'{source}: expected an object {{"load": [[rows per expert] for each MoE layer]}}')
-    unknown = sorted(set(obj) - {"load"})
+    unknown = sorted(set(obj) - {"load", *SERVER_LOAD_FIELDS})
     if unknown:
-        raise LoadFileError(f"{source}: unknown field(s) {unknown}; a load file has only 'load'")
+        raise LoadFileError(
+            f"{source}: unknown field(s) {unknown}; a load file has 'load' (and what a server's load carries: "
+            f"{', '.join(SERVER_LOAD_FIELDS)})"
+        )
     layers = obj["load"]
     if not isinstance(layers, list) or not layers:
         raise LoadFileError(f"{source}: 'load' must be a non-empty list, one list of expert counts per MoE layer")

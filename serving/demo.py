@@ -7,6 +7,7 @@ engine, transformers and vLLM all load the same folder. Same arguments, same byt
 >>> make_demo(Path("demo"), arch="deepseek_v3")            # per-expert layout, as most hub checkpoints
 >>> make_demo(Path("demo-fused"), fused_experts=True)      # experts stacked: gate_up_proj [E, 2I, D]
 >>> make_demo(Path("demo-fp8"), arch="deepseek_v3", fp8=True)  # DeepSeek-V3's block-wise fp8 layout
+>>> make_demo(Path("demo-skewed"), router_skew="zipf:1.0")     # expert load ~ rank^-1 (serving/router_skew.py)
 
 Parity tests that build their own transformers model save it the same way:
 
@@ -40,6 +41,8 @@ from transformers import (
 
 from serving.errors import ConfigError
 from serving.model.fp8 import quantize
+from serving.router_skew import calibration_prompts, parse_router_skew, skew_gates
+from serving.tokenizer import Tokenizer
 
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
 DEMO_VOCAB_SIZE = 1024
@@ -262,20 +265,24 @@ def make_demo(
     fused_experts: bool = False,
     progress: bool = True,
     fp8: bool = False,
+    router_skew: str | None = None,
 ) -> Path:
     """Write the demo checkpoint of `arch` to `out_dir` and return it.
 
     fp8=True (deepseek_v3 only) writes the deepseek_v3 demo with FP8_DEMO_OVERRIDES in DeepSeek-V3's
-    block-wise fp8 layout (`quantize_checkpoint_fp8`, 128 x 128 blocks).
+    block-wise fp8 layout (`quantize_checkpoint_fp8`, 128 x 128 blocks). router_skew="zipf:S" biases the
+    gates so that each MoE layer's expert load follows a Zipf law of exponent S (serving/router_skew.py).
     Deterministic: the same arguments give byte-identical files. `progress` shows a tqdm bar over the
-    steps tokenizer, config, weights, save. Raises ConfigError for an unknown arch, or fp8 with another arch.
+    steps tokenizer, config, weights, save. Raises ConfigError for an unknown arch, fp8 with another arch,
+    or a bad or too steep router skew.
     """
     out_dir = Path(out_dir)
     if arch not in ARCHS:
         raise ConfigError(f"unknown demo arch {arch!r}; choose one of {', '.join(ARCHS)}")
     if fp8 and arch != "deepseek_v3":
         raise ConfigError(f"fp8 demo: only arch 'deepseek_v3' (DeepSeek-V3's fp8 layout), not {arch!r}")
-    desc = f"make-demo {arch}{' fp8' if fp8 else ''}"
+    skew = parse_router_skew(router_skew) if router_skew is not None else None
+    desc = f"make-demo {arch}{' fp8' if fp8 else ''}{f' {skew.spec()}' if skew else ''}"
     with tqdm(total=4, desc=desc, unit="step", disable=not progress) as bar:
         bar.set_postfix_str("tokenizer")
         train_tokenizer(out_dir)
@@ -290,6 +297,8 @@ def make_demo(
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         init_weights(model, seed)
+        if skew is not None:
+            skew_gates(model, skew, seed, calibration_prompts(Tokenizer(out_dir)))
         bar.update()
         bar.set_postfix_str("save")
         save_hf_checkpoint(model, out_dir, fused_experts=fused_experts, tokenizer_dir=out_dir)

@@ -121,6 +121,13 @@ class EngineConfig(BaseModel):
         "vLLM's fused MoE op (needs vLLM installed); auto takes vllm where it is installed and supports the "
         "dtype, else loop.",
     )
+    expert_load_window_s: float = Field(
+        60.0,
+        ge=1,
+        le=86400,
+        description="Native engine: the sliding window of expert load each router keeps (token rows per MoE "
+        "layer and expert, for GET /v1/admin/expert-load), in seconds; it moves in steps of 1/60 of itself.",
+    )
 
 
 def check_request(prompt_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> None:

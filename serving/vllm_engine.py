@@ -8,7 +8,8 @@ protocol (serving/engine_client.py), so the HTTP layer, metrics and load tests a
 What maps to what:
 - EngineConfig (shared with the native engine): dtype -> dtype, max_model_len -> max_model_len,
   kv_cache_mb -> kv_cache_memory_bytes (CPU and GPU alike), max_running -> max_num_seqs,
-  max_batched_tokens -> max_num_batched_tokens. block_size and max_waiting are the native engine's own.
+  max_batched_tokens -> max_num_batched_tokens. block_size, max_waiting, expert_kernel and
+  expert_load_window_s are the native engine's own.
 - VLLMOptions (vLLM only): tensor_parallel_size, enable_expert_parallel, enforce_eager.
 - SamplingParams: one for one; top_k None is vLLM's 0 ("off"); outputs are DELTA (only what is new).
   Logprobs are of the raw distribution (vLLM's default logprobs_mode), as ours. prompt_logprobs maps to

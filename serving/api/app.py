@@ -6,8 +6,9 @@
 >>> uvicorn.run(app)            # or, in deployments/: @serve.ingress(app)
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /healthz (no API key),
-and with `retrieval` the RAG routes of serving/api/retrieval.py (/v1/retrieve, /v1/documents,
-/v1/collections). /v1/completions encodes a string prompt with `tokenizer.encode` (no special tokens,
+with `retrieval` the RAG routes of serving/api/retrieval.py (/v1/retrieve, /v1/documents,
+/v1/collections), and the admin route GET /v1/admin/expert-load (serving/api/admin.py).
+/v1/completions encodes a string prompt with `tokenizer.encode` (no special tokens,
 as `moe-serve generate --prompt`); /v1/chat/completions renders the messages with the checkpoint's chat
 template. A request with a `retrieval` field gets the retrieved passages fused into its prompt by
 serving/retrieval/rag.py (a system message for chat, a prefix for a raw prompt) before it is encoded.
@@ -34,6 +35,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from serving.api.admin import install_admin_routes
 from serving.api.errors import APIError, Guard, install_error_handlers
 from serving.api.logprobs import TokenTexts, chat_logprobs, completion_logprobs, echo_logprobs, prompt_logprobs
 from serving.api.openapi import document_api, errors
@@ -55,6 +57,7 @@ from serving.api.retrieval_bodies import RetrievalInfo
 from serving.api.stream import Started, chat_events, completion_events
 from serving.engine_client import EngineClient, RequestOutput, SamplingParams, TokenLogprobs
 from serving.errors import ConfigError, RequestError
+from serving.expert_load import ExpertLoadSource
 from serving.retrieval.rag import fuse
 from serving.retrieval.store import Passage
 from serving.tokenizer import Tokenizer
@@ -288,13 +291,15 @@ def build_api(
     max_body_bytes: int = 1 << 20,
     max_model_len: int,
     retrieval: Retrieval | None = None,
+    expert_load: ExpertLoadSource | None = None,
 ) -> FastAPI:
-    """The OpenAI-compatible app serving `model_name` from `client`, with RAG through `retrieval` if given.
+    """The OpenAI-compatible app serving `model_name` from `client`, with RAG through `retrieval` if given,
+    and GET /v1/admin/expert-load read from `expert_load` (serving/api/admin.py; a 404 when None).
 
     `max_model_len` is the context the engine enforces (prompt and output together); a chat request
     without max_tokens may use all of it. With keys configured every route but /healthz needs
     `Authorization: Bearer <key>`: an admin key opens every route, an API key all but the writes to the
-    document store (POST/DELETE /v1/documents). Bodies over `max_body_bytes` get 413.
+    document store (POST/DELETE /v1/documents) and /v1/admin/*. Bodies over `max_body_bytes` get 413.
     """
     api = _Api(client, tokenizer, model_name, max_model_len, retrieval)
     app = FastAPI(title="moe-serve", summary="OpenAI-compatible API for Mixture-of-Experts models")
@@ -318,6 +323,7 @@ def build_api(
         return await api.chat(body, request)
 
     install_retrieval_routes(app, retrieval)
+    install_admin_routes(app, expert_load)
     streams = {"/v1/completions": CompletionChunk, "/v1/chat/completions": ChatCompletionChunk}
     document_api(
         app, auth=bool(api_keys or admin_keys), model_name=model_name, max_model_len=max_model_len, streams=streams

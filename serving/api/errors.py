@@ -10,8 +10,8 @@ field, never a 500, and the app keeps serving.
 |---|---|---|
 | 400 | invalid JSON or field, engine RequestError (prompt too long, ...) | invalid_request_error |
 | 401 | keys configured, `Authorization: Bearer <key>` missing or wrong | invalid_request_error / invalid_api_key |
-| 403 | a write route (ADMIN_ROUTES) with a key that is not an admin key | invalid_request_error / admin_key_required |
-| 404 | unknown route, model or collection; retrieval routes when retrieval is off | model_not_found, ... |
+| 403 | an admin route (ADMIN_ROUTES) with a key that is not an admin key | invalid_request_error / admin_key_required |
+| 404 | unknown route, model or collection; retrieval off; expert load with engine vllm | model_not_found, ... |
 | 405 | wrong method for a route | invalid_request_error |
 | 413 | body over max_body_bytes (Content-Length or bytes actually sent) | invalid_request_error / request_too_large |
 | 429 | engine queue full (EngineOverloadedError); has Retry-After | rate_limit_error / engine_overloaded |
@@ -45,12 +45,14 @@ from serving.errors import (
     RetrievalUnavailableError,
     UnknownCollectionError,
 )
+from serving.expert_load import ROUTE as EXPERT_LOAD_ROUTE
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 1  # what a 429 asks the client to wait
 OPEN_PATHS = frozenset({"/healthz"})  # answered without an API key (liveness probes)
-ADMIN_ROUTES = frozenset({("POST", "/v1/documents"), ("DELETE", "/v1/documents")})  # need an admin key
+# need an admin key: the writes to the document store, and the admin routes (serving/api/admin.py)
+ADMIN_ROUTES = frozenset({("POST", "/v1/documents"), ("DELETE", "/v1/documents"), ("GET", EXPERT_LOAD_ROUTE)})
 INVALID = "invalid_request_error"
 
 
@@ -171,7 +173,7 @@ class Guard:
     logged 500 in OpenAI's JSON, so a bug in one request never takes the server down.
 
     Authentication is on when any key is configured. `admin_keys` open every route; `api_keys` open
-    every route but ADMIN_ROUTES (the writes to the document store), which answer 403 to them."""
+    every route but ADMIN_ROUTES (the writes to the document store, /v1/admin/*), which answer 403 to them."""
 
     def __init__(
         self, app: ASGIApp, api_keys: frozenset[str], max_body_bytes: int, admin_keys: frozenset[str] = frozenset()
@@ -225,8 +227,9 @@ class Guard:
             raise self._unauthorized("invalid API key")
         if (scope["method"], path) in ADMIN_ROUTES and not _matches(sent, self._admin):
             raise APIError(
-                403, f"{scope['method']} {path} changes the document store and needs an admin key "
-                "(AppConfig admin_keys_env / admin_keys_file); this key is an API key", code="admin_key_required",
+                403, f"{scope['method']} {path} is an admin route (writes to the document store, /v1/admin/*) and "
+                "needs an admin key (AppConfig admin_keys_env / admin_keys_file); this key is an API key",
+                code="admin_key_required",
             )  # fmt: skip
 
     @staticmethod

@@ -27,7 +27,7 @@ from serving.api.requests import ErrorResponse
 WHEN = {
     400: "Invalid JSON, field or prompt (the message names it; `param` is the first bad field).",
     401: "Missing or invalid API key (`Authorization: Bearer <key>`).",
-    403: "An API key on a route that changes the document store: it needs an admin key.",
+    403: "An API key on an admin route (writes to the document store, /v1/admin/*): it needs an admin key.",
     404: "Unknown model or collection, or retrieval is off on this server.",
     413: "The body is larger than the server's max_body_bytes.",
     429: "The engine's queue is full; retry after Retry-After seconds.",
@@ -42,13 +42,14 @@ _RETRY_AFTER = {
 _UNUSED = ("HTTPValidationError", "ValidationError")  # the 422 body's schemas
 
 
-def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """FastAPI `responses=` for the error statuses a route raises itself, each with OpenAI's error body."""
-    return {status: _error(status) for status in statuses}
+def errors(*statuses: int, describe: dict[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
+    """FastAPI `responses=` for the error statuses a route raises itself, each with OpenAI's error body;
+    `describe` says when this route gives a status where WHEN's general words would not."""
+    return {status: _error(status, (describe or {}).get(status, WHEN[status])) for status in statuses}
 
 
-def _error(status: int) -> dict[str, Any]:
-    response: dict[str, Any] = {"model": ErrorResponse, "description": WHEN[status]}
+def _error(status: int, description: str) -> dict[str, Any]:
+    response: dict[str, Any] = {"model": ErrorResponse, "description": description}
     if status in (429, 503):
         response["headers"] = _RETRY_AFTER
     return response

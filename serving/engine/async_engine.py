@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from serving.engine.llm_engine import LLMEngine
 from serving.engine_client import RequestOutput, SamplingParams
 from serving.errors import EngineOverloadedError, EngineStoppedError, RequestError, StepFailedError
+from serving.expert_load import ExpertLoad
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,11 @@ class AsyncEngine:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    async def expert_load(self) -> ExpertLoad:
+        """Rows per (MoE layer, expert) of the last expert_load_window_s (an ExpertLoadSource). Read under
+        the window's lock, not through the engine thread: it answers at once, even mid-step."""
+        return self.engine.expert_load.snapshot()
 
     @property
     def max_model_len(self) -> int:

@@ -33,6 +33,7 @@ from serving.engine_client import (
 )
 from serving.errors import EngineOverloadedError, RequestError, StepFailedError
 from serving.experts.backend import ExpertBackend
+from serving.experts.load_window import ExpertLoadWindow
 from serving.experts.routing_counter import RoutingCounter
 from serving.metrics import (
     BATCH,
@@ -93,6 +94,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.allocator, config.max_batched_tokens, config.max_running)
         self.metrics, self.metric_labels = metrics or NullSink(), dict(metric_labels or {"model": "model"})
         self.routing = RoutingCounter(experts, model.config.num_experts)  # tokens per expert, for metrics
+        # ... and over a sliding window, for GET /v1/admin/expert-load (`expert_load.snapshot()`, any thread)
+        self.expert_load = ExpertLoadWindow(
+            model.config.moe_layer_ids, model.config.num_experts, config.expert_load_window_s
+        )
         self.runner = ModelRunner(model, self.routing, self.cache, self.allocator)
         self.eos_ids = frozenset(tokenizer.eos_token_ids if tokenizer else model.config.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}
@@ -207,8 +212,12 @@ class LLMEngine:
         self._record(RUNNING, self.num_running)
         self._record(WAITING, self.num_waiting)
         self._record(KV_USAGE, self.allocator.usage)
-        for (layer, expert), rows in self.routing.drain().items():
-            self._record(EXPERT_TOKENS, rows, layer=str(layer), expert=str(expert))
+        layers, rows = self.routing.drain()  # [len(layers), E] on the host
+        self.expert_load.add(layers, rows)
+        for layer, counts in zip(layers, rows.tolist(), strict=True):
+            for expert, n in enumerate(counts):
+                if n:
+                    self._record(EXPERT_TOKENS, n, layer=str(layer), expert=str(expert))
 
     def _append_token(self, seq: Sequence, logits: torch.Tensor) -> RequestOutput:
         params = seq.params

@@ -1,8 +1,8 @@
 """Counting the gate's choices per (layer, expert): an ExpertBackend wrapper in the data path.
 
 The engine drains the counts once per step into moe_expert_tokens_total{layer, expert}, which makes
-routing imbalance visible. Counting stays on the device (one bincount per layer); the only host sync
-is the drain, once per step.
+routing imbalance visible, and into its sliding window of expert load (serving/experts/load_window.py).
+Counting stays on the device (one bincount per layer); the only host sync is the drain, once per step.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ class RoutingCounter:
         self.counts[layer] = self.counts.get(layer, 0) + routed
         return self.backend(layer, hidden, weights, ids)
 
-    def drain(self) -> dict[tuple[int, int], int]:
-        """{(layer, expert): rows} for experts that got rows since the last drain."""
+    def drain(self) -> tuple[list[int], Tensor]:
+        """(layers, rows [len(layers), E] int64 on the host): the rows routed to each expert since the last
+        drain, for the layers that ran (model layer ids, in the order they ran)."""
         if not self.counts:
-            return {}
+            return [], torch.zeros(0, self.num_experts, dtype=torch.int64)
         layers = list(self.counts)
-        rows = torch.stack([self.counts[layer] for layer in layers]).tolist()  # [layers, E]: one host sync
+        rows = torch.stack([self.counts[layer] for layer in layers]).cpu()  # [layers, E]: the one host sync
         self.counts = {}
-        return {(layer, e): n for layer, counts in zip(layers, rows, strict=True) for e, n in enumerate(counts) if n}
+        return layers, rows

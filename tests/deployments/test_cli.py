@@ -12,11 +12,16 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from deployments.cli import main
 from router.placement import LayeredPlacement
 from router.rebalance import read_load, rebalance
+from serving.api.app import build_api
 from serving.demo import FP8_QUANTIZATION_CONFIG
 from serving.engine.llm_engine import LLMEngine
 from serving.engine_client import SamplingParams
+from serving.tokenizer import Tokenizer
+from tests.serving.api.fakes import FixedExpertLoad, ScriptedEngine
+from tests.serving.api.live_server import live_server
 
 MOE_SERVE = shutil.which("moe-serve", path=str(Path(sys.executable).parent)) or "moe-serve"
 
@@ -121,3 +126,61 @@ def test_rebalance_errors_name_the_problem(tmp_path):
         assert "Traceback" not in result.stderr
     no_source = cli("rebalance", "--shards", "2")
     assert no_source.returncode == 2 and "--load" in no_source.stderr
+
+
+def test_make_demo_router_skew_is_checked_before_anything_is_written(tmp_path, capsys):
+    assert main(["make-demo", "--router-skew", "uniform", "--out", str(tmp_path / "x")]) == 2
+    assert "router skew 'uniform'" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+ADMIN, USER = "admin-key-cli", "user-key-cli"
+
+
+@pytest.fixture(scope="module")
+def load_server(tokenizer_dir):
+    """An API server with keys whose expert load is FixedExpertLoad (2 layers of 4 experts, 2 routers)."""
+    tokenizer = Tokenizer(tokenizer_dir)
+    keys = dict(api_keys=frozenset({USER}), admin_keys=frozenset({ADMIN}))
+    app = build_api(ScriptedEngine(tokenizer.vocab_size, 256), tokenizer, "demo", max_model_len=256,
+                    expert_load=FixedExpertLoad(), **keys)  # fmt: skip
+    with live_server(app) as url:
+        yield url
+
+
+def test_rebalance_saves_a_servers_load_file_or_prints_its_summary(load_server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MOE_SERVE_ADMIN_KEY", ADMIN)
+    out = tmp_path / "load.json"
+    assert main(["rebalance", "--url", load_server, "--save", str(out)]) == 0
+    assert json.loads(out.read_text()) == FixedExpertLoad.LOAD.to_json()
+    assert "wrote the expert load of 2 MoE layers (32 rows, 2 router(s))" in capsys.readouterr().out
+    assert main(["rebalance", "--url", load_server]) == 0
+    summary = capsys.readouterr().out.splitlines()
+    assert "2 router(s)" in summary[0]
+    assert "max/mean  2.50 (expert 0)" in summary[1] and "max/mean  1.00" in summary[2]  # 10 of 16 rows; even
+
+
+def test_rebalance_plans_from_a_servers_load_or_the_file_it_saved(load_server, tmp_path, monkeypatch, capsys):
+    """--url with --shards plans from the live load; a saved load file (with the server's metadata) plans
+    the same through --load."""
+    monkeypatch.setenv("MOE_SERVE_ADMIN_KEY", ADMIN)
+    saved = tmp_path / "load.json"
+    args = ["--shards", "2", "--redundant", "2", "--json"]
+    assert main(["rebalance", "--url", load_server, "--save", str(saved), *args]) == 0
+    live = json.loads(capsys.readouterr().out)  # stdout is the report alone; the "wrote" line went to stderr
+    assert main(["rebalance", "--load", str(saved), *args]) == 0
+    assert json.loads(capsys.readouterr().out) == live
+    assert live["balancedness"] >= live["contiguous_balancedness"] and len(live["placement"]) == 2
+    assert main(["rebalance", "--load", str(saved)]) == 2
+    assert "--shards is required with --load" in capsys.readouterr().err
+
+
+def test_rebalance_says_why_it_could_not_fetch_or_save(load_server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LOAD_KEY", USER)
+    assert main(["rebalance", "--url", load_server, "--api-key-env", "LOAD_KEY"]) == 2
+    assert "HTTP 403" in capsys.readouterr().err
+    monkeypatch.delenv("MOE_SERVE_ADMIN_KEY", raising=False)
+    assert main(["rebalance", "--url", load_server]) == 2  # no key sent
+    assert "HTTP 401" in capsys.readouterr().err
+    monkeypatch.setenv("MOE_SERVE_ADMIN_KEY", ADMIN)
+    assert main(["rebalance", "--url", load_server, "--save", str(tmp_path / "no" / "such" / "dir.json")]) == 2
+    assert "--save" in capsys.readouterr().err

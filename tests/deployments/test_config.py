@@ -190,3 +190,12 @@ def test_a_rolling_update_starts_new_replicas_first_and_drains_old_ones_for_the_
     surge = {d.name: d._deployment_config.max_surge_percent for d in (ingress, router, retriever)}
     surge |= {s._bound_deployment.name: s._bound_deployment._deployment_config.max_surge_percent for s in shards}
     assert surge == {"Ingress": 50, "Router": 50, "Retriever": 0, "ExpertShard-0": 50, "ExpertShard-1": 50}
+
+
+def test_the_expert_load_window_is_a_bounded_number_of_seconds():
+    assert AppConfig.model_validate({"model": "x"}).engine_config.expert_load_window_s == 60.0
+    cfg = AppConfig.model_validate({"model": "x", "engine_config": {"expert_load_window_s": 300}})
+    assert cfg.engine_config.expert_load_window_s == 300.0
+    for bad in (0, 0.5, 86401):  # under a second (a unit slip: ms?) or over a day
+        with pytest.raises(ValidationError, match="expert_load_window_s"):
+            AppConfig.model_validate({"model": "x", "engine_config": {"expert_load_window_s": bad}})

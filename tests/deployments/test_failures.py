@@ -6,6 +6,9 @@ and count what the clients saw (README, "Failures").
 - the only replica of a shard killed: requests hold until Serve restarts it, then finish unchanged;
 - the only router killed: requests get 503 with Retry-After within failover.router_wait_s, never a 500
   or a hang, and the app serves again once Serve has restarted it.
+
+First, before any fault (the 2-router app is here already): GET /v1/admin/expert-load adds up both routers'
+windows, and `moe-serve rebalance --url --save` writes it; with a router killed it adds up the live one.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ import pytest
 from ray import serve
 
 from benchmarks.resilience import SCENARIOS, analyse, run_scenario
+from deployments.cli import main
 from deployments.faults import kill_replica, replica_pids
 from deployments.local_cluster import deploy_app
 from serving.engine.llm_engine import LLMEngine
 from serving.engine_client import SamplingParams
+from serving.expert_load import ROUTE, ExpertLoad
+from serving.tokenizer import Tokenizer
 from tests.polling import poll
 
 PROMPTS = [f"Request {i} asks where the experts live" for i in range(6)]
@@ -122,6 +128,38 @@ def wait_replicas(app: str, deployment: str, count: int) -> None:
     )
 
 
+def expert_load(url: str) -> dict:
+    r = httpx.get(f"{url}{ROUTE}", timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_the_expert_load_route_adds_up_both_routers_and_rebalance_saves_it(redundant_app, demo_dir, tmp_path):
+    url, name = redundant_app
+    before = expert_load(url)  # empty: this module runs this test first, before any load
+
+    async def send_all():
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            bodies = [{"model": "demo", "prompt": p, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+                      for p in PROMPTS + PROMPTS]  # fmt: skip
+            return await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
+
+    assert all(r.status_code == 200 for r in asyncio.run(send_all()))
+    after = expert_load(url)
+    # Each token that ran (the prompt's, and each generated one but the last) took top-2 experts per MoE layer.
+    tokens = 2 * sum(len(Tokenizer(demo_dir).encode(p)) + 6 - 1 for p in PROMPTS)
+    added = [sum(now) - sum(then) for now, then in zip(after["load"], before["load"], strict=True)]
+    assert added == [tokens * 2, tokens * 2] and after["routers"] == 2 and after["layers"] == [0, 1]
+    # ... the sum of the two routers' own windows, and both served some of the requests
+    windows = serve.get_deployment_handle("Router", name).broadcast("expert_load").results(timeout_s=30)
+    assert len(windows) == 2 and ExpertLoad.total(windows).load == tuple(map(tuple, after["load"]))
+    assert all(sum(map(sum, w.load)) > 0 for w in windows), "Serve sent every request to one router"
+
+    saved = tmp_path / "load.json"
+    assert main(["rebalance", "--url", url, "--save", str(saved)]) == 0
+    assert json.loads(saved.read_text())["load"] == after["load"]
+
+
 @pytest.mark.parametrize("deployment", ["Router", "ExpertShard-0"])
 def test_killing_one_of_two_replicas_under_load_loses_no_request(redundant_app, greedy_texts, deployment):
     """A dead router's streams move to the other router; a dead shard replica's calls are retried on its twin."""
@@ -133,6 +171,8 @@ def test_killing_one_of_two_replicas_under_load_loses_no_request(redundant_app, 
     check_nothing_lost(outcomes, greedy_texts)
     longest = max(g for o in outcomes for g in o.gaps)
     assert longest < 5.0, f"a stream stalled {longest:.1f} s (a migration or a retry takes well under 1 s)"
+    if deployment == "Router":  # the dead router's window is gone; the live one's still answers
+        assert 1 <= expert_load(url)["routers"] <= 2
     wait_replicas(name, deployment, 2)  # Serve restarts it; the next test starts whole
 
 

@@ -187,6 +187,13 @@ def test_openai_client_streams_from_vllm(urls):
                                                                 "temperature": 0}))[1]  # fmt: skip
 
 
+def test_expert_load_is_the_native_engines_and_vllm_says_so(urls):
+    native = httpx.get(f"{urls['native']}/v1/admin/expert-load", timeout=30)
+    assert native.status_code == 200 and native.json()["routers"] == 1
+    vllm = httpx.get(f"{urls['vllm']}/v1/admin/expert-load", timeout=30)
+    assert vllm.status_code == 404 and vllm.json()["error"]["code"] == "expert_load_unavailable"
+
+
 def test_engine_metrics_reach_rays_metrics_port(urls, ray_metrics_port):
     """The vLLM replica's stat logger records the moe_ engine gauges, labelled with its replica id."""
     [replica] = [a["name"].rsplit("#", 1)[1] for a in ray.util.list_named_actors(all_namespaces=True)

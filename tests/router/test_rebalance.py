@@ -24,7 +24,7 @@ def test_integer_counts_stay_integers_and_others_become_floats():
     [
         ("{", r"load.json: not JSON \(Expecting property name enclosed in double quotes at line 1, column 2\)"),
         ("[1, 2]", r'load.json: expected an object \{"load"'),
-        ('{"load": [[1]], "layers": 3}', r"unknown field\(s\) \['layers'\]"),
+        ('{"load": [[1]], "layer": 3}', r"unknown field\(s\) \['layer'\]"),  # a typo; the server's 'layers' is read
         ('{"load": []}', "'load' must be a non-empty list"),
         ('{"load": [[1, 2], 3]}', r"load\[1\] must be a non-empty list of counts"),
         ('{"load": [[1, 2], [3]]}', r"load\[1\] has 1 experts, load\[0\] has 2"),

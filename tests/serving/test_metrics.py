@@ -31,6 +31,15 @@ def test_engine_records_steps_and_expert_tokens_that_add_up(mixtral):
     engine.generate_batch([prompt], SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True))
     # tokens through the model x top-2 x 2 MoE layers
     assert sum(sink.values(EXPERT_TOKENS.name)) == (len(prompt) + new - 1) * 2 * 2
+    # the sliding window holds the same rows as the counter, per (layer, expert)
+    counted: dict[tuple[str, str], float] = {}
+    for name, value, labels in sink.records:
+        if name == EXPERT_TOKENS.name:
+            key = (labels["layer"], labels["expert"])
+            counted[key] = counted.get(key, 0) + value
+    window = engine.expert_load.snapshot()
+    assert {(str(layer), str(e)): n for layer, row in zip(window.layers, window.load, strict=True)
+            for e, n in enumerate(row) if n} == counted  # fmt: skip
     assert sum(sink.values("moe_generation_tokens_total")) == new
     assert sink.values("moe_prompt_tokens_total") == [len(prompt)]
     assert len(sink.values("moe_request_queue_seconds")) == 1
@@ -42,8 +51,11 @@ def test_engine_records_steps_and_expert_tokens_that_add_up(mixtral):
 def test_routing_counter_counts_each_choice_once():
     counter = RoutingCounter(lambda layer, hidden, weights, ids: hidden, num_experts=4)
     counter(1, torch.zeros(3, 2), torch.ones(3, 2), torch.tensor([[0, 1], [1, 2], [1, 3]]))
-    assert counter.drain() == {(1, 0): 1, (1, 1): 3, (1, 2): 1, (1, 3): 1}
-    assert counter.drain() == {}
+    counter(3, torch.zeros(1, 2), torch.ones(1, 2), torch.tensor([[2, 0]]))
+    layers, rows = counter.drain()
+    assert layers == [1, 3] and rows.tolist() == [[1, 3, 1, 1], [1, 0, 1, 0]]
+    layers, rows = counter.drain()
+    assert layers == [] and rows.shape == (0, 4)
 
 
 class FakeOutput:

@@ -1,5 +1,6 @@
-"""Fast fakes of the API's two seams, for tests that send many requests (schemathesis): an engine client that
-checks requests as the real engines do and answers in microseconds, and an in-memory retriever."""
+"""Fast fakes of the API's seams, for tests that send many requests (schemathesis): an engine client that
+checks requests as the real engines do and answers in microseconds, an in-memory retriever, and a fixed
+expert load."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from serving.engine_client import RequestOutput, SamplingParams, TokenLogprobs, check_request
 from serving.errors import UnknownCollectionError
+from serving.expert_load import ExpertLoad
 from serving.retrieval.ingest import Document, IngestReport
 from serving.retrieval.store import Passage
 
@@ -76,3 +78,12 @@ class MemoryRetriever:
 
     async def collections(self) -> list[tuple[str, int]]:
         return [(name, len(docs)) for name, docs in self.stores.items()]
+
+
+class FixedExpertLoad:
+    """An ExpertLoadSource (serving/expert_load.py) that always answers LOAD: 2 MoE layers of 4 experts."""
+
+    LOAD = ExpertLoad((0, 1), 4, 60.0, ((10, 3, 2, 1), (4, 4, 4, 4)), routers=2)
+
+    async def expert_load(self) -> ExpertLoad:
+        return self.LOAD

@@ -20,7 +20,7 @@ import pytest
 from serving.api.app import build_api
 from serving.api.retrieval import Retrieval
 from serving.tokenizer import Tokenizer
-from tests.serving.api.fakes import MemoryRetriever, ScriptedEngine
+from tests.serving.api.fakes import FixedExpertLoad, MemoryRetriever, ScriptedEngine
 from tests.serving.api.live_server import live_server
 
 MODEL = "demo"
@@ -36,6 +36,7 @@ def make_app(tokenizer_dir):
     return build_api(
         engine, tokenizer, MODEL, max_model_len=MAX_MODEL_LEN, api_keys=frozenset({API_KEY}),
         admin_keys=frozenset({ADMIN_KEY}), retrieval=Retrieval(MemoryRetriever(), "docs"), max_body_bytes=1 << 16,
+        expert_load=FixedExpertLoad(),
     )  # fmt: skip
 
 
@@ -56,7 +57,7 @@ def test_schemathesis_finds_nothing_outside_the_baseline(server, tmp_path):
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     [report] = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
-    assert report["operations"]["tested"] == report["operations"]["total"] == 8, "every operation"
+    assert report["operations"]["tested"] == report["operations"]["total"] == 9, "every operation"
 
 
 def test_every_baseline_entry_says_why(server):
@@ -87,6 +88,8 @@ def test_the_document_lists_the_errors_each_operation_gives(server):
     assert "Retry-After" in completions["429"]["headers"] and "Retry-After" in completions["503"]["headers"]
     assert "text/event-stream" in completions["200"]["content"]
     assert "403" in doc["paths"]["/v1/documents"]["delete"]["responses"]
+    admin = doc["paths"]["/v1/admin/expert-load"]["get"]["responses"]
+    assert set(admin) == {"200", "401", "403", "404", "503"} and "Retry-After" in admin["503"]["headers"]
     request = doc["components"]["schemas"]["CompletionRequest"]["properties"]
     assert request["model"]["enum"] == [MODEL]
     assert {"type": "integer", "minimum": 0, "maximum": MAX_MODEL_LEN - 1} in request["max_tokens"]["anyOf"]
