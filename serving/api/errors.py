@@ -49,7 +49,7 @@ from serving.errors import (
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 1  # what a 429 asks the client to wait
-OPEN_PATHS = frozenset({"/healthz"})  # answered without an API key (liveness probes)
+OPEN_PATHS = frozenset({"/healthz", "/health"})  # answered without an API key (liveness probes)
 ADMIN_ROUTES = frozenset({("POST", "/v1/documents"), ("DELETE", "/v1/documents")})  # need an admin key
 INVALID = "invalid_request_error"
 
