@@ -9,6 +9,8 @@ All times are seconds, measured from `sent`, the moment just before the request 
 - E2E: until the stream ends (`data: [DONE]`).
 - output tokens: `usage.completion_tokens` of the last chunk that has usage (the client asks for it
   with `stream_options.include_usage`), else the number of content chunks.
+- prompt tokens: `usage.prompt_tokens` of that chunk (what the server's tokenizer made of the prompt),
+  None without usage.
 - TPOT: (E2E - TTFT) / (output tokens - 1), defined only for requests with more than one output token.
 
 A request fails on a stream error event (`data: {"error": ...}`), on a stream that ends without
@@ -32,6 +34,7 @@ class Timing:
     itl: list[float] = field(default_factory=list)
     e2e: float = 0.0
     output_tokens: int = 0
+    prompt_tokens: int | None = None
     content_chunks: int = 0
     error: str | None = None
 
@@ -51,6 +54,7 @@ class Timing:
             "itl": self.itl,
             "e2e": self.e2e,
             "output_tokens": self.output_tokens,
+            "prompt_tokens": self.prompt_tokens,
         }
 
 
@@ -86,6 +90,7 @@ def time_stream(lines: Iterable[bytes | str], sent: float, clock: Callable[[], f
             break
         if event.get("usage"):
             usage_tokens = event["usage"].get("completion_tokens", usage_tokens)
+            timing.prompt_tokens = event["usage"].get("prompt_tokens", timing.prompt_tokens)
         if chunk_content(event):
             timing.content_chunks += 1
             if last_content is None:
