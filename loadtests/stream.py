@@ -11,7 +11,10 @@ All times are seconds, measured from `sent`, the moment just before the request 
   with `stream_options.include_usage`), else the number of content chunks.
 - prompt tokens: `usage.prompt_tokens` of that chunk (what the server's tokenizer made of the prompt),
   None without usage.
-- TPOT: (E2E - TTFT) / (output tokens - 1), defined only for requests with more than one output token.
+- TPOT: (last content chunk - first content chunk) / (output tokens - 1), i.e. the request's ITL gaps
+  summed over its output tokens less one; defined only for requests with more than one output token.
+  It ends at the last token, as vLLM's (whose latency ends at the last chunk with choices) and
+  guidellm's per-request ITL do: the usage chunk and [DONE] after it are in E2E, not in TPOT.
 
 A request fails on a stream error event (`data: {"error": ...}`), on a stream that ends without
 [DONE], or when no chunk carried content (there is no TTFT; vLLM's benchmark fails these too). The
@@ -42,7 +45,7 @@ class Timing:
     def tpot(self) -> float | None:
         if self.ttft is None or self.output_tokens < 2:
             return None
-        return (self.e2e - self.ttft) / (self.output_tokens - 1)
+        return sum(self.itl) / (self.output_tokens - 1)  # the gaps span first content chunk -> last
 
     def record(self, **extra: Any) -> dict[str, Any]:
         """The JSON line the runner reads (see summary.Record)."""

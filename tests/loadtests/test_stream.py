@@ -41,7 +41,7 @@ def test_ttft_is_the_first_content_chunk_not_the_role_or_empty_chunk():
     assert t.content_chunks == 3 and t.output_tokens == 7  # the usage chunk wins over the chunk count
     assert t.prompt_tokens == 3  # the server's count of the prompt, from the same chunk
     assert t.e2e == 7.0  # [DONE] is line 13 (6.5); one more read at the end
-    assert t.tpot == pytest.approx((7.0 - 2.5) / 6)
+    assert t.tpot == pytest.approx((4.5 - 2.5) / 6), "first to last content chunk: not the usage chunk or [DONE]"
 
 
 def test_completions_chunks_without_usage_count_chunks_as_tokens():
