@@ -8,8 +8,9 @@ Without --url it serves the demo app of configs/demo.yaml (2 expert shards, no R
 cluster. The load: streaming /v1/completions, greedy, `--max-tokens` tokens each with ignore_eos,
 prompts of about `--prompt-tokens` tokens, `--users` requests in flight at all times (closed loop).
 A short run of ours warms the server first. Then ours runs for `--duration` seconds; the number of
-requests it finished is what vLLM (`--num-prompts`) and guidellm (`max_requests`) send; then ours again,
-so that the two runs of ours show how much the machine alone moves the numbers.
+requests it finished is what vLLM (`--num-prompts`) and guidellm (`max_requests`) send, each after a
+warm-up of one request per stream that it leaves out of its statistics; then ours again, so that the
+two runs of ours show how much the machine alone moves the numbers.
 
 Prompts: vLLM's random dataset and guidellm's synthetic data are made of exactly N tokens of the
 checkpoint's tokenizer; ours draws words, so the word count is the one whose prompts (ours, with this
@@ -22,13 +23,19 @@ What each column is, and which metric of each tool it is (milliseconds, p50 and 
     ITL   every gap between two chunks with text, of every request (ours: itl_s; vLLM: itl). A chunk
           may carry more than one token (the server holds back an incomplete UTF-8 character).
           guidellm does not measure gaps.
-    TPOT  per request, (last token's arrival - first token's) / (output tokens - 1) (ours: tpot_s, which
-          ends at [DONE]; vLLM: tpot, ending at the last chunk with text; guidellm calls this
-          inter_token_latency_ms, and weights each request by its tokens: the same percentiles when
-          every request has the same output length). guidellm's own TPOT includes the TTFT: not used.
+    TPOT  per request, (last token's arrival - first token's) / (output tokens - 1) (ours: tpot_s;
+          vLLM: tpot; guidellm calls it inter_token_latency_ms and weights each request by its tokens:
+          the same percentiles when every request has the same output length). guidellm's own TPOT
+          includes the TTFT: not used.
     output tok/s, req/s   each tool's own: over the first request sent to the last one done (ours,
           vLLM) or over its benchmark window (guidellm, the mean of its time-weighted rate).
-Writes DIR/loadgens.json (every row, each tool's command and files) and prints the markdown table.
+    server TTFT / ITL mean   the server's own histograms (moe_time_to_first_token_seconds,
+          moe_inter_token_latency_seconds) between a snapshot before the run and one after, warm-ups
+          included: the same requests timed inside the server, without any client. Each tool's
+          figure against these says whether a difference between rows is in the tools or in the server.
+    load 1m   the machine's 1-minute load average at the end of the run (other jobs show up here).
+Writes DIR/loadgens.json (every row, the commands run) beside each tool's own files and logs, and
+prints the tables.
 """
 
 from __future__ import annotations
@@ -283,7 +290,7 @@ COLUMNS = (  # header, Row field, digits
     ("load 1m", "load_1m", 1),
 )  # fmt: skip
 RATIOS = ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "output_tok_s",
-          "request_s")  # fmt: skip
+          "request_s", "server_ttft_mean_ms", "server_itl_mean_ms")  # fmt: skip
 
 
 def tables(rows: list[Row]) -> str:
@@ -295,7 +302,8 @@ def tables(rows: list[Row]) -> str:
     headers = [h for h, k, _ in COLUMNS if k in RATIOS]
     lines += ["", "| x moe-serve loadtest | " + " | ".join(headers) + " |", "|---" * (len(headers) + 1) + "|"]
     for r in rows[1:]:
-        ratios = [getattr(r, k) / getattr(ours, k) if getattr(r, k) is not None else None for k in RATIOS]
+        pairs = [(getattr(r, k), getattr(ours, k)) for k in RATIOS]
+        ratios = [None if mine is None or base is None else mine / base for mine, base in pairs]
         lines.append(f"| {r.tool} | " + " | ".join(cell(x, 2) for x in ratios) + " |")
     return "\n".join(lines)
 
