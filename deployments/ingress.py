@@ -35,7 +35,7 @@ from serving.retrieval.ingest import Document, IngestReport
 from serving.retrieval.store import Passage
 from serving.tokenizer import Tokenizer
 
-ROUTES = frozenset({"/v1/models", "/v1/completions", "/v1/chat/completions", "/healthz", EXPERT_LOAD_ROUTE})
+ROUTES = frozenset({"/v1/models", "/v1/completions", "/v1/chat/completions", "/healthz", "/health", EXPERT_LOAD_ROUTE})
 RETRIEVAL_ROUTES = frozenset({"/v1/retrieve", "/v1/documents", "/v1/collections"})
 # engine refusals the API maps to 4xx/503
 _PASS_THROUGH = (RequestError, EngineOverloadedError, EngineStoppedError, EngineUnavailableError)

@@ -124,11 +124,11 @@ def write_csv(records: Sequence[Record], path: Path) -> None:
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["start", "kind", "ok", "ttft_s", "itl_count", "itl_mean_s", "tpot_s", "e2e_s", "output_tokens",
-                    "error"])  # fmt: skip
+                    "prompt_tokens", "error"])  # fmt: skip
         for r in records:
             t = r.timing
             w.writerow([f"{r.start:.3f}", r.kind, r.ok, t.ttft, len(t.itl), r.mean_itl, t.tpot, t.e2e, t.output_tokens,
-                        t.error or ""])  # fmt: skip
+                        t.prompt_tokens, t.error or ""])  # fmt: skip
 
 
 def report_text(summary: dict[str, Any], out: Path) -> str:
@@ -138,6 +138,10 @@ def report_text(summary: dict[str, Any], out: Path) -> str:
         f"  throughput {summary['request_throughput_rps']:.2f} req/s, {summary['output_throughput_tok_s']:.1f} "
         f"output tok/s; goodput {summary['goodput_rps']:.2f} req/s",
     ]
+    counts = (("prompt", summary["prompt_tokens"]), ("output", summary["output_tokens"]))
+    tokens = ", ".join(f"{what} {s['mean']:.1f}" for what, s in counts if s)
+    if tokens:
+        lines.append(f"  tokens per request (mean): {tokens}")
     for key, label in (("ttft_s", "TTFT"), ("itl_s", "ITL"), ("tpot_s", "TPOT"), ("e2e_s", "E2E")):
         s = summary[key]
         ms = "n/a" if s is None else " / ".join(f"{s[p] * 1000:.0f}" for p in ("p50", "p90", "p99"))

@@ -9,7 +9,12 @@ All times are seconds, measured from `sent`, the moment just before the request 
 - E2E: until the stream ends (`data: [DONE]`).
 - output tokens: `usage.completion_tokens` of the last chunk that has usage (the client asks for it
   with `stream_options.include_usage`), else the number of content chunks.
-- TPOT: (E2E - TTFT) / (output tokens - 1), defined only for requests with more than one output token.
+- prompt tokens: `usage.prompt_tokens` of that chunk (what the server's tokenizer made of the prompt),
+  None without usage.
+- TPOT: (last content chunk - first content chunk) / (output tokens - 1), i.e. the request's ITL gaps
+  summed over its output tokens less one; defined only for requests with more than one output token.
+  It ends at the last token, as vLLM's (whose latency ends at the last chunk with choices) and
+  guidellm's per-request ITL do: the usage chunk and [DONE] after it are in E2E, not in TPOT.
 
 A request fails on a stream error event (`data: {"error": ...}`), on a stream that ends without
 [DONE], or when no chunk carried content (there is no TTFT; vLLM's benchmark fails these too). The
@@ -32,6 +37,7 @@ class Timing:
     itl: list[float] = field(default_factory=list)
     e2e: float = 0.0
     output_tokens: int = 0
+    prompt_tokens: int | None = None
     content_chunks: int = 0
     error: str | None = None
 
@@ -39,7 +45,7 @@ class Timing:
     def tpot(self) -> float | None:
         if self.ttft is None or self.output_tokens < 2:
             return None
-        return (self.e2e - self.ttft) / (self.output_tokens - 1)
+        return sum(self.itl) / (self.output_tokens - 1)  # the gaps span first content chunk -> last
 
     def record(self, **extra: Any) -> dict[str, Any]:
         """The JSON line the runner reads (see summary.Record)."""
@@ -51,6 +57,7 @@ class Timing:
             "itl": self.itl,
             "e2e": self.e2e,
             "output_tokens": self.output_tokens,
+            "prompt_tokens": self.prompt_tokens,
         }
 
 
@@ -86,6 +93,7 @@ def time_stream(lines: Iterable[bytes | str], sent: float, clock: Callable[[], f
             break
         if event.get("usage"):
             usage_tokens = event["usage"].get("completion_tokens", usage_tokens)
+            timing.prompt_tokens = event["usage"].get("prompt_tokens", timing.prompt_tokens)
         if chunk_content(event):
             timing.content_chunks += 1
             if last_content is None:

@@ -3,11 +3,14 @@
 A record is one JSON line the locustfile writes per finished request (seconds; see stream.py for how
 TTFT, ITL, E2E, TPOT and output tokens are measured, with the definitions of vLLM's serving benchmark):
     {"start": unix time sent, "kind": "chat", "model": "demo", "status": 200, "prompt_words": 40,
-     "ok": true, "error": null, "ttft": 0.21, "itl": [0.03, ...], "e2e": 0.74, "output_tokens": 16}
+     "ok": true, "error": null, "ttft": 0.21, "itl": [0.03, ...], "e2e": 0.74, "output_tokens": 16,
+     "prompt_tokens": 93}
 
 Over a run:
 - elapsed: the first request sent -> the last request finished (failed requests included).
 - request throughput: successful requests / elapsed; output throughput: their output tokens / elapsed.
+- prompt tokens: the server's count (usage.prompt_tokens) for each successful request that reported
+  one; the prompts are drawn in words, so this is how long they were in tokens.
 - percentiles: numpy's linear interpolation over successful requests; ITL over every gap of every
   successful request (one distribution of chunk gaps, as vLLM reports it).
 - SLOs, `--slo KEY=VALUE,...`:
@@ -92,6 +95,7 @@ class Record:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Record:
         timing = Timing(ttft=d["ttft"], itl=list(d["itl"]), e2e=d["e2e"], output_tokens=d["output_tokens"],
+                        prompt_tokens=d.get("prompt_tokens"),  # absent from records older than the field
                         error=None if d["ok"] else (d["error"] or "failed"))  # fmt: skip
         return cls(start=d["start"], kind=d["kind"], timing=timing)
 
@@ -164,6 +168,7 @@ def summarize(records: Sequence[Record], slos: Sequence[Slo] = ()) -> dict[str, 
         "tpot_s": describe([r.timing.tpot for r in ok if r.timing.tpot is not None]),
         "e2e_s": describe([r.timing.e2e for r in ok]),
         "output_tokens": describe([r.timing.output_tokens for r in ok]),
+        "prompt_tokens": describe([r.timing.prompt_tokens for r in ok if r.timing.prompt_tokens is not None]),
         "requests_by_kind": dict(Counter(r.kind for r in records)),
         "errors": dict(errors.most_common(10)),
     }

@@ -9,7 +9,8 @@ them back with `Workload.from_options(environment.parsed_options)`:
 
 Prompts are `n` words, `n` drawn uniformly from `prompt_words` (inclusive), each word drawn from a fixed
 list by a generator seeded with (seed, user index): the same seed sends the same prompts. Word counts
-are not token counts; with the demo tokenizer one word is about 1.5 tokens.
+are not token counts: with the demo tokenizer one word of this list is 2.3 tokens on average (1 to 4;
+the summary's `prompt_tokens` is the server's count of each prompt).
 
 This module imports neither locust nor Ray: the `moe-serve` process uses it.
 """

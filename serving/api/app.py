@@ -5,13 +5,13 @@
 ...                 api_keys=load_api_keys())
 >>> uvicorn.run(app)            # or, in deployments/: @serve.ingress(app)
 
-Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /healthz (no API key),
-with `retrieval` the RAG routes of serving/api/retrieval.py (/v1/retrieve, /v1/documents,
-/v1/collections), and the admin route GET /v1/admin/expert-load (serving/api/admin.py).
-/v1/completions encodes a string prompt with `tokenizer.encode` (no special tokens,
-as `moe-serve generate --prompt`); /v1/chat/completions renders the messages with the checkpoint's chat
-template. A request with a `retrieval` field gets the retrieved passages fused into its prompt by
-serving/retrieval/rag.py (a system message for chat, a prefix for a raw prompt) before it is encoded.
+Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /healthz (no API key; also
+as GET /health, vLLM's name), with `retrieval` the RAG routes of serving/api/retrieval.py (/v1/retrieve,
+/v1/documents, /v1/collections), and the admin route GET /v1/admin/expert-load (serving/api/admin.py).
+/v1/completions encodes a string prompt with `tokenizer.encode` (no special tokens, as `moe-serve generate
+--prompt`); /v1/chat/completions renders the messages with the checkpoint's chat template. A request with a
+`retrieval` field gets the retrieved passages fused into its prompt by serving/retrieval/rag.py (a system
+message for chat, a prefix for a raw prompt) before it is encoded.
 Streams are server-sent events (`data: {json}` ... `data: [DONE]`); a failure after the stream began
 is sent as a `data: {"error": {...}}` event before [DONE]. A client that disconnects, streaming or
 not, aborts its engine request. Request fields and errors: `serving/api/requests.py`, `serving/api/errors.py`.
@@ -155,7 +155,7 @@ class _Api:
         def events() -> AsyncIterator[str]:
             return completion_events(
                 started, request_id, created, self.model_name, self.texts, echo, with_logprobs, req.include_usage, info,
-                echo_lp, prompt_lp,
+                echo_lp, prompt_lp, continuous_usage=req.continuous_usage,
             )  # fmt: skip
 
         def body(result: _Result) -> Completion:
@@ -184,8 +184,9 @@ class _Api:
 
         def events() -> AsyncIterator[str]:
             return chat_events(
-                started, request_id, created, self.model_name, self.texts, req.logprobs, req.include_usage, info
-            )
+                started, request_id, created, self.model_name, self.texts, req.logprobs, req.include_usage, info,
+                continuous_usage=req.continuous_usage,
+            )  # fmt: skip
 
         def body(result: _Result) -> ChatCompletion:
             choice = ChatChoice(
@@ -297,7 +298,7 @@ def build_api(
     and GET /v1/admin/expert-load read from `expert_load` (serving/api/admin.py; a 404 when None).
 
     `max_model_len` is the context the engine enforces (prompt and output together); a chat request
-    without max_tokens may use all of it. With keys configured every route but /healthz needs
+    without max_tokens may use all of it. With keys configured every route but /healthz (/health) needs
     `Authorization: Bearer <key>`: an admin key opens every route, an API key all but the writes to the
     document store (POST/DELETE /v1/documents) and /v1/admin/*. Bodies over `max_body_bytes` get 413.
     """
@@ -309,6 +310,9 @@ def build_api(
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    # vLLM's name for it, which load generators check before a run (guidellm's openai_http backend does)
+    app.get("/health", include_in_schema=False)(healthz)
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> Response:

@@ -50,7 +50,7 @@ from serving.expert_load import ROUTE as EXPERT_LOAD_ROUTE
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 1  # what a 429 asks the client to wait
-OPEN_PATHS = frozenset({"/healthz"})  # answered without an API key (liveness probes)
+OPEN_PATHS = frozenset({"/healthz", "/health"})  # answered without an API key (liveness probes)
 # need an admin key: the writes to the document store, and the admin routes (serving/api/admin.py)
 ADMIN_ROUTES = frozenset({("POST", "/v1/documents"), ("DELETE", "/v1/documents"), ("GET", EXPERT_LOAD_ROUTE)})
 INVALID = "invalid_request_error"

@@ -8,9 +8,12 @@ Which fields are accepted (a field not listed here is refused with a 400 naming 
   seed, stream, stream_options.include_usage, user (ignored), and per route: completions prompt, echo,
   logprobs (0..5; with echo the prompt's tokens are scored too); chat messages (system/user/assistant,
   string or text-part content), logprobs (bool), top_logprobs (0..20). Extensions, as in vLLM: top_k,
-  ignore_eos, completions prompt_logprobs (0..20); ours: retrieval (RAG, see serving/api/retrieval_bodies.py).
+  ignore_eos, stream_options.continuous_usage_stats (with include_usage, every chunk carries the usage so
+  far; guidellm sends it), completions prompt_logprobs (0..20); ours: retrieval (RAG, see
+  serving/api/retrieval_bodies.py).
 - accepted only at their no-op value, because clients send them by default: n=1, best_of=1,
-  frequency_penalty=0, presence_penalty=0, logit_bias={} / null, response_format={"type": "text"}, suffix=null.
+  frequency_penalty=0, presence_penalty=0, repetition_penalty=1 (vLLM's extension; `vllm bench serve`
+  sends it), logit_bias={} / null, response_format={"type": "text"}, suffix=null.
   Any other value is a 400 that names the field.
 - refused: tools, functions, audio, images, several prompts in one request, unknown fields, unknown roles.
 - rules between fields: stream_options needs stream=true; chat top_logprobs needs logprobs=true; chat
@@ -95,6 +98,7 @@ def _documented(*alternatives: dict[str, Any]) -> Callable[[dict[str, Any]], Non
 
 _ONLY_ZERO = _documented({"type": "number", "minimum": 0, "maximum": 0})
 _ONLY_ONE = _documented({"type": "integer", "minimum": 1, "maximum": 1})
+_ONLY_ONE_NUMBER = _documented({"type": "number", "minimum": 1, "maximum": 1})
 _TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
 
 
@@ -128,6 +132,9 @@ _TEXT_PART = {
 
 class StreamOptions(_Strict):
     include_usage: bool = Field(False, description="Send a last chunk with token usage (and empty choices).")
+    continuous_usage_stats: bool = Field(
+        False, description="Extension (as vLLM): with include_usage, every chunk also carries the usage so far."
+    )
 
 
 class ResponseFormat(_Strict):
@@ -169,6 +176,10 @@ class _SamplingRequest(_Strict):
     presence_penalty: float | None = Field(
         None, description="Only 0 (penalties are not implemented).", json_schema_extra=_ONLY_ZERO
     )
+    repetition_penalty: float | None = Field(
+        None, description="Extension (as vLLM): only 1 (penalties are not implemented).",
+        json_schema_extra=_ONLY_ONE_NUMBER,
+    )  # fmt: skip
     logit_bias: dict[str, float] | None = Field(
         None, description="Only empty.", json_schema_extra=_documented({"type": "object", "maxProperties": 0})
     )
@@ -207,6 +218,13 @@ class _SamplingRequest(_Strict):
             raise ValueError(f"{v}: penalties are not supported; omit the field or send 0")
         return v
 
+    @field_validator("repetition_penalty")
+    @classmethod
+    def _repetition_penalty(cls, v: float | None) -> float | None:
+        if v not in (None, 1):
+            raise ValueError(f"{v}: penalties are not supported; omit the field or send 1")
+        return v
+
     @field_validator("logit_bias")
     @classmethod
     def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
@@ -217,6 +235,12 @@ class _SamplingRequest(_Strict):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Usage on every chunk: only with include_usage, as vLLM (continuous_usage_stats alone does nothing)."""
+        options = self.stream_options
+        return options is not None and options.include_usage and options.continuous_usage_stats
 
     def _max_tokens(self) -> int | None:
         raise NotImplementedError

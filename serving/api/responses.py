@@ -5,7 +5,8 @@
 
 Field names and nesting follow OpenAI exactly, so the official clients parse them; `system_fingerprint`
 is always null. Stream chunks carry `usage: null` except the last one when stream_options.include_usage
-is set, which has empty `choices` and the totals. Extension: `retrieval` (what RAG retrieved) on a
+is set, which has empty `choices` and the totals (with vLLM's continuous_usage_stats too, every chunk
+carries the usage so far). Extension: `retrieval` (what RAG retrieved) on a
 whole response, and on a stream's first chunk (empty `choices`), only for requests that asked for it.
 """
 

@@ -9,6 +9,9 @@ Order, as OpenAI: (extension, only for requests with `retrieval`) a chunk with e
 retrieved sources; (chat) a chunk with the role; chunks with text deltas (a delta with no text is
 skipped unless it carries logprobs or the finish_reason); with include_usage a last chunk with empty
 choices and the usage; then [DONE]. A failure mid-stream is sent as `data: {"error": {...}}`, then [DONE].
+With continuous_usage (vLLM's stream_options.continuous_usage_stats, only together with include_usage)
+every chunk before the last also carries the usage so far: the prompt's tokens and the output tokens
+sent up to and including that chunk (0 on the retrieval and role chunks).
 """
 
 from __future__ import annotations
@@ -65,6 +68,11 @@ def _usage(out: RequestOutput) -> Usage:
     return Usage.of(out.num_prompt_tokens, out.num_output_tokens)
 
 
+def _usage_before_output(first: RequestOutput) -> Usage:
+    """The usage of a chunk sent before any output token (the retrieval and role chunks)."""
+    return Usage.of(first.num_prompt_tokens, 0)
+
+
 async def _sse(chunks: AsyncIterator[str], request_id: str) -> AsyncIterator[str]:
     """`chunks`, then [DONE]; an exception becomes an error event first (the response has begun)."""
     try:
@@ -91,6 +99,7 @@ def completion_events(
     retrieval: RetrievalInfo | None = None,
     echo_logprobs: CompletionLogprobs | None = None,
     prompt_logprobs: PromptLogprobs | None = None,
+    continuous_usage: bool = False,
 ) -> AsyncIterator[str]:
     """The /v1/completions stream; `echo` (the prompt text, or "") comes first, with `echo_logprobs` (the
     prompt's tokens) when asked for. `prompt_logprobs` (extension) goes on the first chunk with a choice."""
@@ -101,10 +110,11 @@ def completion_events(
 
     async def chunks() -> AsyncIterator[str]:
         offset, last, pending = len(echo), started.first, prompt_logprobs
+        before = _usage_before_output(started.first) if continuous_usage else None
         if retrieval is not None:
-            yield chunk([], retrieval=retrieval)
+            yield chunk([], before, retrieval=retrieval)
         if echo or echo_logprobs is not None:
-            yield chunk([CompletionChoice(text=echo, logprobs=echo_logprobs, prompt_logprobs=pending)])
+            yield chunk([CompletionChoice(text=echo, logprobs=echo_logprobs, prompt_logprobs=pending)], before)
             pending = None
         async for out in started:
             last = out
@@ -114,7 +124,7 @@ def completion_events(
                 choice = CompletionChoice(
                     text=out.new_text, logprobs=lp, finish_reason=out.finish_reason, prompt_logprobs=pending
                 )
-                yield chunk([choice])
+                yield chunk([choice], _usage(out) if continuous_usage else None)
                 pending = None
         if include_usage:
             yield chunk([], _usage(last))
@@ -131,6 +141,7 @@ def chat_events(
     logprobs: bool,
     include_usage: bool,
     retrieval: RetrievalInfo | None = None,
+    continuous_usage: bool = False,
 ) -> AsyncIterator[str]:
     """The /v1/chat/completions stream."""
 
@@ -140,15 +151,17 @@ def chat_events(
 
     async def chunks() -> AsyncIterator[str]:
         last = started.first
+        before = _usage_before_output(started.first) if continuous_usage else None
         if retrieval is not None:
-            yield chunk([], retrieval=retrieval)
-        yield chunk([ChatChunkChoice(delta=Delta(role="assistant", content=""))])
+            yield chunk([], before, retrieval=retrieval)
+        yield chunk([ChatChunkChoice(delta=Delta(role="assistant", content=""))], before)
         async for out in started:
             last = out
             lp = chat_logprobs(out.new_logprobs, texts) if logprobs else None
             if out.new_text or out.finished or lp:
                 delta = Delta(content=out.new_text) if out.new_text else Delta()
-                yield chunk([ChatChunkChoice(delta=delta, logprobs=lp, finish_reason=out.finish_reason)])
+                choice = ChatChunkChoice(delta=delta, logprobs=lp, finish_reason=out.finish_reason)
+                yield chunk([choice], _usage(out) if continuous_usage else None)
         if include_usage:
             yield chunk([], _usage(last))
 

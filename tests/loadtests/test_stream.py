@@ -39,14 +39,16 @@ def test_ttft_is_the_first_content_chunk_not_the_role_or_empty_chunk():
     assert t.error is None
     assert t.ttft == 2.5 and t.itl == [1.0, 1.0]
     assert t.content_chunks == 3 and t.output_tokens == 7  # the usage chunk wins over the chunk count
+    assert t.prompt_tokens == 3  # the server's count of the prompt, from the same chunk
     assert t.e2e == 7.0  # [DONE] is line 13 (6.5); one more read at the end
-    assert t.tpot == pytest.approx((7.0 - 2.5) / 6)
+    assert t.tpot == pytest.approx((4.5 - 2.5) / 6), "first to last content chunk: not the usage chunk or [DONE]"
 
 
 def test_completions_chunks_without_usage_count_chunks_as_tokens():
     text = lambda s: {"choices": [{"index": 0, "text": s}]}  # noqa: E731
     t = time_stream([line.encode() for line in sse(text("a"), text(""), text("b"), "[DONE]")], 0.0, ticking_clock())
     assert t.error is None and t.output_tokens == 2 and t.content_chunks == 2 and len(t.itl) == 1
+    assert t.prompt_tokens is None, "no usage: the prompt's length in tokens is unknown"
 
 
 @pytest.mark.parametrize(
@@ -66,7 +68,7 @@ def test_single_token_has_no_tpot_and_records_are_json():
     assert t.tpot is None
     record = json.loads(json.dumps(t.record(start=1.0, kind="chat")))
     assert record == {"start": 1.0, "kind": "chat", "ok": True, "error": None, "ttft": 0.2, "itl": [], "e2e": 0.2,
-                      "output_tokens": 1}  # fmt: skip
+                      "output_tokens": 1, "prompt_tokens": None}  # fmt: skip
     assert chunk_content({"choices": [{"delta": None}]}) == "" and chunk_content({"choices": []}) == ""
 
 

@@ -55,6 +55,26 @@ def test_percentiles_throughput_and_itl_over_all_gaps():
     assert s["goodput_rps"] == s["request_throughput_rps"] and s["slos"] == [] and s["slos_met"]
 
 
+def test_tpot_spans_the_first_to_the_last_token_not_the_end_of_the_stream():
+    # 4 tokens in 3 chunks (one chunk carries two), and [DONE] 0.3 s after the last token
+    s = summarize([rec(ttft=0.1, itl=(0.02, 0.04), e2e=0.1 + 0.06 + 0.3, tokens=4)])
+    assert s["tpot_s"]["p50"] == pytest.approx(0.06 / 3), "as vLLM's TPOT and guidellm's ITL"
+    assert s["e2e_s"]["p50"] == pytest.approx(0.46) and s["itl_s"]["p50"] == pytest.approx(0.03)
+
+
+def test_prompt_tokens_are_the_servers_counts_of_the_requests_that_reported_one():
+    with_usage = [Record(0.0, "completions", Timing(ttft=0.1, e2e=0.2, output_tokens=2, prompt_tokens=n)) for n in
+                  (90, 100)]  # fmt: skip
+    without = Record(0.0, "completions", Timing(ttft=0.1, e2e=0.2, output_tokens=2))
+    failed = Record(0.0, "completions", Timing(e2e=0.2, prompt_tokens=500, error="HTTP 503"))
+    s = summarize([*with_usage, without, failed])
+    assert s["prompt_tokens"]["mean"] == 95 and s["prompt_tokens"]["max"] == 100
+    assert summarize([without])["prompt_tokens"] is None
+    old_line = {"start": 0.0, "kind": "chat", "ok": True, "error": None, "ttft": 0.1, "itl": [], "e2e": 0.1,
+                "output_tokens": 1}  # fmt: skip
+    assert Record.from_json(old_line).timing.prompt_tokens is None, "records written before the field still load"
+
+
 def test_goodput_counts_requests_that_meet_every_latency_slo():
     records = [
         rec(ttft=0.1, itl=(0.01, 0.01)),  # good
