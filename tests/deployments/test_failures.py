@@ -183,7 +183,9 @@ def test_the_shortest_resilience_scenarios_lose_no_request_under_locust(redundan
     deployment = SCENARIOS[scenario].deployment
     result = run_scenario(url, name, SCENARIOS[scenario], tmp_path, users=4, duration_s=8, fault_at_s=3)
     row = analyse(result, window_s=5)
-    assert row["requests"] >= 8 and row["failed"] == 0, row
+    # 0 failed, with the load spanning the fault: tokens streamed in the window after the kill (a count of
+    # requests would measure the machine: 4 users finish 8-20 in 8 s here, fewer when it is busy)
+    assert row["failed"] == 0 and row["requests"] >= 4 and row["itl_p99_window_s"] is not None, row
     assert result.replicas_back_s is not None, f"{deployment} did not get its replica back"
     wait_replicas(name, deployment, 2)
 
