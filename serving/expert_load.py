@@ -24,6 +24,8 @@ from typing import Any, Protocol
 
 import httpx
 
+from serving.http_client import error_message
+
 ROUTE = "/v1/admin/expert-load"
 FETCH_TIMEOUT_S = 30.0
 
@@ -128,11 +130,7 @@ def fetch_expert_load(url: str, api_key: str | None, timeout_s: float = FETCH_TI
     except httpx.HTTPError as e:
         raise ExpertLoadFetchError(f"{where}: {type(e).__name__}: {e}") from None
     if response.status_code != 200:
-        try:
-            message = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text[:300]
-        raise ExpertLoadFetchError(f"{where}: HTTP {response.status_code}: {message}")
+        raise ExpertLoadFetchError(f"{where}: HTTP {response.status_code}: {error_message(response)}")
     try:
         return ExpertLoad.from_json(response.json())
     except ValueError as e:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import httpx
 from tqdm import tqdm
 
+from serving.http_client import error_message
 from serving.retrieval.ingest import Document, IngestReport
 
 BATCH_BYTES = 256 * 1024
@@ -46,11 +47,7 @@ def _batches(documents: Sequence[Document], batch_bytes: int) -> list[list[Docum
 
 def _check(response: httpx.Response, what: str) -> dict:
     if response.status_code != 200:
-        try:
-            message = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text[:300]
-        raise RemoteIngestError(f"{what}: HTTP {response.status_code}: {message}")
+        raise RemoteIngestError(f"{what}: HTTP {response.status_code}: {error_message(response)}")
     return response.json()
 
 
