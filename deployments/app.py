@@ -46,14 +46,24 @@ def plan_placement(cfg: AppConfig) -> LayeredPlacement | None:
         return None
     model = ModelConfig.from_pretrained(cfg.model)
     layers = len(model.moe_layer_ids)
-    if cfg.placement != "file":
-        placement = build_placement(cfg.placement, model.num_experts, cfg.shards, cfg.explicit_placement)
-        return LayeredPlacement.uniform(placement, layers)
-    assert cfg.placement_file is not None  # the config's validator: required with placement: file
-    layered = read_placement(cfg.placement_file, model.num_experts)
+    if cfg.placement == "file":
+        assert cfg.placement_file is not None  # the config's validator: required with placement: file
+        return _fits(
+            read_placement(cfg.placement_file, model.num_experts), layers, cfg, f"placement_file {cfg.placement_file}"
+        )
+    if cfg.placement == "explicit" and cfg.explicit_per_layer:
+        return _fits(
+            LayeredPlacement.from_json(cfg.explicit_placement, model.num_experts), layers, cfg, "explicit_placement"
+        )
+    flat = cfg.explicit_placement if cfg.placement == "explicit" else None
+    return LayeredPlacement.uniform(build_placement(cfg.placement, model.num_experts, cfg.shards, flat), layers)
+
+
+def _fits(layered: LayeredPlacement, layers: int, cfg: AppConfig, source: str) -> LayeredPlacement:
+    """`layered`, once it has the model's MoE layers and the config's shards (else a PlacementError naming `source`)."""
     if (layered.num_layers, layered.num_shards) != (layers, cfg.shards):
         raise PlacementError(
-            f"placement_file {cfg.placement_file}: {layered.num_layers} layers of {layered.num_shards} shards, but "
+            f"{source}: {layered.num_layers} layers of {layered.num_shards} shards, but "
             f"the model has {layers} MoE layers and the config shards={cfg.shards}"
         )
     return layered

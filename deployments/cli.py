@@ -7,6 +7,7 @@
     moe-serve plan --model DIR --gpu-memory GiB ...      size a GPU deployment (shards, routers, KV room)
     moe-serve rebalance --load FILE --shards N ...      plan expert placement from measured load (docs/placement.md)
     moe-serve rebalance --url URL [--save FILE] [--shards N ...]   the same from a running server's load
+    moe-serve rebalance --url URL --apply [--redundant R]          the server plans and deploys it online
     moe-serve ingest PATH... [--url URL] [--delete]     chunk, embed and store files for retrieval (RAG)
     moe-serve loadtest --url URL [--users N] ...         load-test an OpenAI-compatible server, write a report
 
@@ -114,6 +115,11 @@ def _rebalance(args: argparse.Namespace) -> int:
     from router.placement import PlacementError
     from router.rebalance import LoadFileError, parse_load, rebalance
 
+    if args.apply:
+        return _rebalance_apply(args)
+    if args.dry_run:
+        print("error: --dry-run goes with --apply (a plan without --apply deploys nothing anyway)", file=sys.stderr)
+        return 2
     fetched = None
     if args.url is not None:
         if (fetched := _rebalance_fetch(args)) is None:
@@ -125,11 +131,43 @@ def _rebalance(args: argparse.Namespace) -> int:
         return 2
     try:
         load = parse_load(fetched.to_json(), args.url) if fetched else _rebalance_load(args)
-        report = rebalance(load, args.shards, args.redundant, num_groups=args.groups, num_nodes=args.nodes)
+        redundant = args.redundant or 0
+        report = rebalance(load, args.shards, redundant, num_groups=args.groups, num_nodes=args.nodes)
     except (LoadFileError, PlacementError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(report.to_json()) if args.json else report.describe())
+    return 0
+
+
+def _rebalance_apply(args: argparse.Namespace) -> int:
+    """--url URL --apply: the server plans from its routers' load with its own shards and deploys the plan
+    (POST /v1/admin/rebalance); prints what it did."""
+    from serving.errors import ConfigError
+    from serving.rebalancing import RebalanceRequestError, post_rebalance
+
+    clash = [flag for flag, on in (("--load", args.load), ("--save", args.save), ("--shards", args.shards),
+                                   ("--groups", args.groups), ("--nodes", args.nodes != 1)) if on]  # fmt: skip
+    if args.url is None or clash:
+        said = "--apply needs --url" if args.url is None else f"{', '.join(clash)} cannot go with --apply"
+        print(f"error: {said} (the server plans from its own load, for its own shards)", file=sys.stderr)
+        return 2
+    try:
+        key = _secret(args.api_key_env, "--api-key-env", required=False)
+        outcome = post_rebalance(args.url, key, args.redundant, dry_run=args.dry_run)
+    except (ConfigError, RebalanceRequestError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(outcome))
+        return 0
+    print(f"{'applied' if outcome['applied'] else 'not applied'}: {outcome['reason']}")
+    print(f"from {outcome['rows']} rows per MoE layer, {outcome['redundant']} redundant slots a layer")
+    print("layer  served  planned")
+    for i, (now, planned) in enumerate(
+        zip(outcome["current_balancedness_per_layer"], outcome["balancedness_per_layer"], strict=True)
+    ):
+        print(f"{i:<5}  {now:<6.3f}  {planned:.3f}")
     return 0
 
 
@@ -323,7 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
     reb.add_argument("--api-key-env", metavar="VAR", default="MOE_SERVE_ADMIN_KEY",
                      help="with --url: env var holding an admin key (default: MOE_SERVE_ADMIN_KEY)")  # fmt: skip
     reb.add_argument("--shards", type=int, help="plan a placement for this many expert shards (required with --load)")
-    reb.add_argument("--redundant", type=int, default=0, help="expert copies beyond one each, per layer (default: 0)")
+    reb.add_argument("--redundant", type=int,
+                     help="expert copies beyond one each, per layer (default: 0; with --apply the server's "
+                     "rebalance.redundant)")  # fmt: skip
+    reb.add_argument("--apply", action="store_true",
+                     help="with --url: the server plans from its load for its shards and deploys the plan as a "
+                     "rolling update (no request lost)")  # fmt: skip
+    reb.add_argument("--dry-run", action="store_true", help="with --apply: plan on the server, deploy nothing")
     reb.add_argument("--groups", type=int, help="with --nodes: expert groups (consecutive ids) kept on one node")
     reb.add_argument("--nodes", type=int, default=1, help="shard nodes for hierarchical placement (default: 1)")
     reb.add_argument("--json", action="store_true", help="print the placement and balancedness as JSON")

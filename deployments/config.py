@@ -16,7 +16,9 @@ from serving.retrieval.chunking import DEFAULT_MAX_TOKENS, DEFAULT_OVERLAP_TOKEN
 from serving.vllm_engine import VLLMOptions
 
 # Fields that only the native engine reads (expert shards); with engine: vllm setting one is an error.
-NATIVE_ONLY = ("shards", "shard_replicas", "placement", "explicit_placement", "placement_file", "shard_resources")
+NATIVE_ONLY = (
+    "shards", "shard_replicas", "placement", "explicit_placement", "placement_file", "shard_resources", "rebalance"
+)  # fmt: skip
 
 
 class ResourceConfig(BaseModel):
@@ -171,6 +173,43 @@ class FailoverConfig(BaseModel):
         return self
 
 
+class RebalanceConfig(BaseModel):
+    """Online rebalancing (docs/placement.md, "Online"): a placement planned from the routers' expert load window,
+    deployed as a rolling update of the app (new shards and routers up first, then the old ones drain)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    redundant: int = Field(
+        0,
+        ge=0,
+        description="Redundant expert slots per MoE layer a planned placement may fill with copies of the hottest "
+        "experts (their rows split between the copies by load); each shard then holds up to "
+        "ceil((experts + redundant) / shards) experts a layer.",
+    )
+    auto_below: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Rebalance without being asked when the placement served stays below this balancedness (mean "
+        "shard rows / max shard rows, averaged over MoE layers, from the routers' window) for a whole "
+        "engine_config.expert_load_window_s and a plan does better by min_gain; null: only when asked "
+        "(POST /v1/admin/rebalance, `moe-serve rebalance --url URL --apply`).",
+    )
+    min_gain: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="How much higher a plan's balancedness must be than the served one's to deploy it.",
+    )
+    check_every_s: float = Field(10.0, gt=0, description="How often auto_below is checked against the routers' load.")
+    min_rows: int = Field(
+        1000,
+        ge=1,
+        description="Rows an MoE layer's window must hold (top_k per token routed) before its balancedness is "
+        "judged: a window of a few tokens says little about the load.",
+    )
+
+
 class AppConfig(BaseModel):
     """Everything `build_app` needs to deploy the cluster."""
 
@@ -204,11 +243,15 @@ class AppConfig(BaseModel):
     shard_replicas: int = Field(1, ge=1, description="Replicas of each shard.")
     placement: Literal["contiguous", "round_robin", "explicit", "file"] = Field(
         "contiguous",
-        description="How experts are assigned to shards: the same way in every MoE layer (contiguous, round_robin, "
-        "explicit), or per layer from placement_file (file).",
+        description="How experts are assigned to shards: the same way in every MoE layer (contiguous, round_robin), "
+        "as explicit_placement lists them (explicit: the same in every layer, or per layer), or per layer from "
+        "placement_file (file).",
     )
-    explicit_placement: list[list[int]] | None = Field(
-        None, description="With placement: explicit, the expert ids of each shard (one list per shard)."
+    explicit_placement: list[list[int]] | list[list[list[int]]] | None = Field(
+        None,
+        description="With placement: explicit, the expert ids of each shard: [[ids on shard 0], ...] for every MoE "
+        "layer alike, or [[[ids on shard 0], ...] for each MoE layer] (what a rebalance deploys; an expert on "
+        "several shards is replicated, its rows split between them by load).",
     )
     placement_file: str | None = Field(
         None,
@@ -233,6 +276,10 @@ class AppConfig(BaseModel):
     failover: FailoverConfig = Field(
         default_factory=FailoverConfig, description="Retries, migration and their bounds when replicas die."
     )
+    rebalance: RebalanceConfig = Field(
+        default_factory=RebalanceConfig,
+        description="Planning a placement from measured expert load and deploying it online, on request or by itself.",
+    )
 
     @model_validator(mode="after")
     def _engine_fields(self) -> AppConfig:
@@ -253,9 +300,24 @@ class AppConfig(BaseModel):
             raise ValueError("explicit_placement is required with placement: explicit, and only then")
         if (self.placement == "file") != (self.placement_file is not None):
             raise ValueError("placement_file is required with placement: file, and only then")
-        if self.explicit_placement is not None and len(self.explicit_placement) != self.shards:
-            raise ValueError(f"explicit_placement lists {len(self.explicit_placement)} shards but shards={self.shards}")
+        for i, shards in enumerate(self.explicit_layers or ()):
+            if len(shards) != self.shards:
+                where = f"explicit_placement[{i}]" if self.explicit_per_layer else "explicit_placement"
+                raise ValueError(f"{where} lists {len(shards)} shards but shards={self.shards}")
         return self
+
+    @property
+    def explicit_per_layer(self) -> bool:
+        """Whether explicit_placement gives each MoE layer its own shard lists."""
+        first = self.explicit_placement[0] if self.explicit_placement else None
+        return bool(first) and isinstance(first[0], list)
+
+    @property
+    def explicit_layers(self) -> list[list[list[int]]] | None:
+        """explicit_placement as per-layer shard lists (one entry for a placement shared by every layer)."""
+        if self.explicit_placement is None:
+            return None
+        return self.explicit_placement if self.explicit_per_layer else [self.explicit_placement]
 
     @property
     def model_name(self) -> str:

@@ -10,6 +10,7 @@ Both build a ServedEngine (serving/engine_client.py), so this class and the Ingr
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from deployments.metrics import RaySink
 from deployments.transport import HandleTransport
 from router.placement import LayeredPlacement
 from serving.engine_client import RequestOutput, SamplingParams, ServedEngine
+from serving.errors import RequestError
 from serving.expert_load import ExpertLoad
 
 
@@ -36,6 +38,10 @@ class EngineFactory(Protocol):
     def shard_versions(self) -> list[str]:
         """The version each expert shard of this app version has (serving/experts/sharded.py,
         shard_version); [] when there are no shards."""
+        ...
+
+    def expert_placement(self) -> LayeredPlacement | None:
+        """Which shard holds which experts in each MoE layer; None when no shards run them."""
         ...
 
 
@@ -85,6 +91,9 @@ class NativeEngineFactory:
         engine = LLMEngine(model, experts, Tokenizer(cfg.model), cfg.engine_config, metrics=sink, metric_labels=labels)
         return AsyncEngine(engine, name="router")
 
+    def expert_placement(self) -> LayeredPlacement | None:
+        return self.placement
+
     def shard_versions(self) -> list[str]:
         from serving.experts.sharded import shard_version
         from serving.model.config import ModelConfig
@@ -109,6 +118,9 @@ class VLLMEngineFactory:
     def shard_versions(self) -> list[str]:
         return []
 
+    def expert_placement(self) -> LayeredPlacement | None:
+        return None
+
     def build(self, replica: str) -> ServedEngine:
         from serving.vllm_engine import AsyncVLLMEngine
 
@@ -117,12 +129,27 @@ class VLLMEngineFactory:
         return AsyncVLLMEngine(cfg.model, cfg.engine_config, cfg.vllm, metrics=RaySink(), metric_labels=labels)
 
 
+def _plan(load: ExpertLoad, current: LayeredPlacement, redundant: int) -> dict:
+    """router/rebalance.py's report as JSON; a redundant count that cannot be placed is the caller's RequestError."""
+    import torch
+
+    from router.placement import PlacementError
+    from router.rebalance import rebalance
+
+    rows = torch.tensor(load.load, dtype=torch.int64)  # [L, E]
+    try:
+        return rebalance(rows, current.num_shards, redundant, current=current).to_json()
+    except PlacementError as e:
+        raise RequestError(f"redundant={redundant}: {e}") from None
+
+
 @serve.deployment(max_ongoing_requests=256, health_check_period_s=10)
 class EngineReplica:
     async def __init__(self, factory: EngineFactory):
         # async: vLLM's output handler must live on the event loop that runs `generate`
         self.engine = factory.build(serve.get_replica_context().replica_tag)
         self._shard_versions = factory.shard_versions()
+        self._placement = factory.expert_placement()
 
     def shard_versions(self) -> list[str]:
         """The shard versions this replica's calls carry (a new shard replica asks, see ExpertShard)."""
@@ -152,6 +179,14 @@ class EngineReplica:
         if measure is None:
             raise NotImplementedError(f"{type(self.engine).__name__} does not measure expert load")
         return await measure()
+
+    async def plan_rebalance(self, load: ExpertLoad, redundant: int) -> dict:
+        """A placement planned for `load` (all routers' window, summed by the Ingress) with `redundant` extra
+        slots a layer, beside the one served now: router/rebalance.py's report as JSON (current_* included).
+        Planned here, where torch is, so the Ingress never imports it; in a thread, so streams keep going."""
+        if self._placement is None:
+            raise NotImplementedError("no expert shards run this engine's experts: there is no placement to plan")
+        return await asyncio.to_thread(_plan, load, self._placement, redundant)
 
     def check_health(self) -> None:
         if not self.engine.alive:

@@ -1,6 +1,7 @@
 """Ingress: the OpenAI-compatible HTTP API (serving/api/app.py) on Serve, with handles to the routers (or the
 vLLM engine) and, when retrieval is on, to the Retriever. GET /v1/admin/expert-load adds up every Router
-replica's window (deployments/expert_load.py); with engine: vllm it is a 404 saying why."""
+replica's window (deployments/expert_load.py), POST /v1/admin/rebalance plans from it and deploys the plan
+(deployments/rebalancer.py); with engine: vllm both are a 404 saying why."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from deployments.config import AppConfig, FailoverConfig
 from deployments.expert_load import RouterLoads
 from deployments.metrics import RaySink
+from deployments.rebalancer import Rebalancer
 from serving.api.app import build_api, load_api_keys
 from serving.api.retrieval import Retrieval
 from serving.engine_client import RequestOutput, SamplingParams
@@ -31,11 +33,14 @@ from serving.errors import (
 )
 from serving.expert_load import ROUTE as EXPERT_LOAD_ROUTE
 from serving.metrics import MIGRATIONS, HttpMetrics, MeteredClient, MetricsSink
+from serving.rebalancing import ROUTE as REBALANCE_ROUTE
 from serving.retrieval.ingest import Document, IngestReport
 from serving.retrieval.store import Passage
 from serving.tokenizer import Tokenizer
 
-ROUTES = frozenset({"/v1/models", "/v1/completions", "/v1/chat/completions", "/healthz", "/health", EXPERT_LOAD_ROUTE})
+ROUTES = frozenset(
+    {"/v1/models", "/v1/completions", "/v1/chat/completions", "/healthz", "/health", EXPERT_LOAD_ROUTE, REBALANCE_ROUTE}
+)
 RETRIEVAL_ROUTES = frozenset({"/v1/retrieve", "/v1/documents", "/v1/collections"})
 # engine refusals the API maps to 4xx/503
 _PASS_THROUGH = (RequestError, EngineOverloadedError, EngineStoppedError, EngineUnavailableError)
@@ -192,6 +197,11 @@ class Ingress:
             retrieval = Retrieval(
                 client, cfg.retrieval.collection, timeout_s=cfg.retrieval.timeout_s, metrics=sink, model=cfg.model_name
             )
+        rebalancer = None
+        if cfg.engine == "native" and cfg.shards > 0:
+            app_name = serve.get_replica_context().app_name
+            rebalancer = Rebalancer(config, router, RouterLoads(router), app_name, sink)
+            rebalancer.start_watching()  # with rebalance.auto_below: rebalances by itself
         api = build_api(
             MeteredClient(RouterClient(router, cfg.failover, sink, cfg.model_name), sink, cfg.model_name),
             Tokenizer(cfg.model),
@@ -202,6 +212,7 @@ class Ingress:
             max_model_len=limits["max_model_len"],
             retrieval=retrieval,
             expert_load=RouterLoads(router) if cfg.engine == "native" else None,
+            rebalancer=rebalancer,
         )
         self.api = HttpMetrics(api, sink, cfg.model_name, ROUTES | RETRIEVAL_ROUTES)
 

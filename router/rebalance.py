@@ -7,8 +7,10 @@ non-negative numbers such as averages). The report's JSON (``--json``) is::
      "balancedness_per_layer": [...], "contiguous_balancedness_per_layer": [...],
      "placement": [[[expert ids on shard 0], ..., [ids on shard N-1]] for each layer]}
 
-``contiguous_*`` are null when there are more shards than experts (no contiguous placement exists). docs/placement.md
-describes both formats. Pure logic: the CLI reads the file and prints.
+``contiguous_*`` are null when there are more shards than experts (no contiguous placement exists). Planned for a
+running server (POST /v1/admin/rebalance), it adds ``current_balancedness`` and ``current_balancedness_per_layer``:
+the placement the server runs now, under the same load. docs/placement.md describes both formats. Pure logic: the
+CLI reads the file and prints.
 
 Usage::
 
@@ -108,6 +110,7 @@ class RebalanceReport:
     balancedness: tuple[float, ...]  # [L] planned
     contiguous: tuple[float, ...] | None  # [L] contiguous; None when num_shards > num_experts
     redundant: int
+    current: tuple[float, ...] | None = None  # [L] the placement a server runs now, when planned for one
 
     @property
     def mean(self) -> float:
@@ -117,6 +120,10 @@ class RebalanceReport:
     def contiguous_mean(self) -> float | None:
         return None if self.contiguous is None else sum(self.contiguous) / len(self.contiguous)
 
+    @property
+    def current_mean(self) -> float | None:
+        return None if self.current is None else sum(self.current) / len(self.current)
+
     def to_json(self) -> dict:
         """The ``--json`` output (module docstring)."""
         return {
@@ -125,6 +132,11 @@ class RebalanceReport:
             "balancedness_per_layer": list(self.balancedness),
             "contiguous_balancedness_per_layer": None if self.contiguous is None else list(self.contiguous),
             "placement": self.placement.to_json(),
+            **(
+                {}
+                if self.current is None
+                else {"current_balancedness": self.current_mean, "current_balancedness_per_layer": list(self.current)}
+            ),
         }
 
     def describe(self) -> str:
@@ -149,13 +161,20 @@ class RebalanceReport:
 
 
 def rebalance(
-    load: Tensor, num_shards: int, redundant: int, num_groups: int | None = None, num_nodes: int = 1
+    load: Tensor,
+    num_shards: int,
+    redundant: int,
+    num_groups: int | None = None,
+    num_nodes: int = 1,
+    current: LayeredPlacement | None = None,
 ) -> RebalanceReport:
-    """Plan a placement for ``load`` [L, E] (router.planner.plan) and measure it against contiguous."""
+    """Plan a placement for ``load`` [L, E] (router.planner.plan) and measure it against contiguous and, given
+    the placement a server runs now (``current``), against that one."""
     placement = plan(load, num_shards, redundant, num_groups=num_groups, num_nodes=num_nodes)
     layers, experts = load.shape
     contiguous = None
     if num_shards <= experts:
         before = LayeredPlacement.uniform(Placement.contiguous(experts, num_shards), layers)
         contiguous = tuple(balancedness(load, before))
-    return RebalanceReport(placement, tuple(balancedness(load, placement)), contiguous, redundant)
+    now = None if current is None else tuple(balancedness(load, current))
+    return RebalanceReport(placement, tuple(balancedness(load, placement)), contiguous, redundant, now)

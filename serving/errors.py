@@ -53,3 +53,8 @@ class StalePlacementError(RuntimeError):
     experts. The router retries it briefly (another replica of the shard may match); past
     RetryPolicy.stale_wait_s the step's requests fail with this error, and the Ingress moves them to another
     router (deployments/ingress.py), the way it moves the streams of a dead one."""
+
+
+class RebalanceConflictError(RuntimeError):
+    """A rebalance that cannot be done now: an update of the app is already under way, or the routers' window
+    holds too little load to plan from; the message says which (HTTP 409)."""

@@ -80,6 +80,9 @@ SHARD_FAILOVERS = Metric("moe_shard_failovers_total", "counter", "Rows of replic
 MIGRATIONS = Metric("moe_request_migrations_total", "counter", "Streams re-submitted to another router: theirs "
                     "died (reason router_died), or its shards run another app version (stale_placement, during a "
                     "rolling update).", labels=("model", "reason"))  # fmt: skip
+REBALANCES = Metric("moe_rebalances_total", "counter", "Rolling updates to a placement planned from the expert "
+                    "load, by trigger (request: POST /v1/admin/rebalance; auto: rebalance.auto_below).",
+                    labels=("model", "trigger"))  # fmt: skip
 HTTP_REQUESTS = Metric("moe_http_requests_total", "counter", "HTTP requests by route and status code.",
                        labels=("model", "route", "status"))  # fmt: skip
 RETRIEVAL = Metric("moe_retrieval_seconds", "histogram", "One search: embed the query and search Qdrant, as the "
@@ -90,7 +93,7 @@ RETRIEVAL_ERRORS = Metric("moe_retrieval_errors_total", "counter", "Searches tha
 
 ALL = (TTFT, ITL, E2E, QUEUE, PROMPT_TOKENS, GENERATED_TOKENS, RUNNING, WAITING, KV_USAGE, STEP, BATCH,
        EXPERT_TOKENS, EXPERT_KERNEL, DISPATCH, SHARD_RETRIES, SHARD_TIMEOUTS, SHARD_HEDGES, SHARD_FAILOVERS,
-       MIGRATIONS, HTTP_REQUESTS, RETRIEVAL, RETRIEVAL_ERRORS)  # fmt: skip
+       MIGRATIONS, REBALANCES, HTTP_REQUESTS, RETRIEVAL, RETRIEVAL_ERRORS)  # fmt: skip
 
 
 class MetricsSink(Protocol):

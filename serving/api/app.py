@@ -58,6 +58,7 @@ from serving.api.stream import Started, chat_events, completion_events
 from serving.engine_client import EngineClient, RequestOutput, SamplingParams, TokenLogprobs
 from serving.errors import ConfigError, RequestError
 from serving.expert_load import ExpertLoadSource
+from serving.rebalancing import RebalanceTarget
 from serving.retrieval.rag import fuse
 from serving.retrieval.store import Passage
 from serving.tokenizer import Tokenizer
@@ -293,9 +294,11 @@ def build_api(
     max_model_len: int,
     retrieval: Retrieval | None = None,
     expert_load: ExpertLoadSource | None = None,
+    rebalancer: RebalanceTarget | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible app serving `model_name` from `client`, with RAG through `retrieval` if given,
-    and GET /v1/admin/expert-load read from `expert_load` (serving/api/admin.py; a 404 when None).
+    GET /v1/admin/expert-load read from `expert_load` and POST /v1/admin/rebalance done by `rebalancer`
+    (serving/api/admin.py; each a 404 when None).
 
     `max_model_len` is the context the engine enforces (prompt and output together); a chat request
     without max_tokens may use all of it. With keys configured every route but /healthz (/health) needs
@@ -327,7 +330,7 @@ def build_api(
         return await api.chat(body, request)
 
     install_retrieval_routes(app, retrieval)
-    install_admin_routes(app, expert_load)
+    install_admin_routes(app, expert_load, rebalancer)
     streams = {"/v1/completions": CompletionChunk, "/v1/chat/completions": ChatCompletionChunk}
     document_api(
         app, auth=bool(api_keys or admin_keys), model_name=model_name, max_model_len=max_model_len, streams=streams

@@ -13,6 +13,7 @@ field, never a 500, and the app keeps serving.
 | 403 | an admin route (ADMIN_ROUTES) with a key that is not an admin key | invalid_request_error / admin_key_required |
 | 404 | unknown route, model or collection; retrieval off; expert load with engine vllm | model_not_found, ... |
 | 405 | wrong method for a route | invalid_request_error |
+| 409 | rebalance during an update, or with too little load measured (RebalanceConflictError) | rebalance_conflict |
 | 413 | body over max_body_bytes (Content-Length or bytes actually sent) | invalid_request_error / request_too_large |
 | 429 | engine queue full (EngineOverloadedError); has Retry-After | rate_limit_error / engine_overloaded |
 | 503 | engine shut down or shutting down (EngineStoppedError); has Retry-After | server_error / engine_stopped |
@@ -41,18 +42,22 @@ from serving.errors import (
     EngineOverloadedError,
     EngineStoppedError,
     EngineUnavailableError,
+    RebalanceConflictError,
     RequestError,
     RetrievalUnavailableError,
     UnknownCollectionError,
 )
 from serving.expert_load import ROUTE as EXPERT_LOAD_ROUTE
+from serving.rebalancing import ROUTE as REBALANCE_ROUTE
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 1  # what a 429 asks the client to wait
 OPEN_PATHS = frozenset({"/healthz", "/health"})  # answered without an API key (liveness probes)
 # need an admin key: the writes to the document store, and the admin routes (serving/api/admin.py)
-ADMIN_ROUTES = frozenset({("POST", "/v1/documents"), ("DELETE", "/v1/documents"), ("GET", EXPERT_LOAD_ROUTE)})
+ADMIN_ROUTES = frozenset(
+    {("POST", "/v1/documents"), ("DELETE", "/v1/documents"), ("GET", EXPERT_LOAD_ROUTE), ("POST", REBALANCE_ROUTE)}
+)
 INVALID = "invalid_request_error"
 
 
@@ -97,6 +102,8 @@ def as_api_error(exc: Exception) -> APIError:
         return APIError(503, str(exc), type="server_error", code="retrieval_unavailable", headers=headers)
     if isinstance(exc, UnknownCollectionError):
         return APIError(404, str(exc), param="collection", code="collection_not_found")
+    if isinstance(exc, RebalanceConflictError):
+        return APIError(409, str(exc), code="rebalance_conflict")
     return APIError(500, "internal server error; the request was not completed", type="server_error")
 
 
@@ -161,6 +168,7 @@ def install_error_handlers(app: FastAPI) -> None:
         EngineOverloadedError,
         EngineStoppedError,
         EngineUnavailableError,
+        RebalanceConflictError,
         RetrievalUnavailableError,
         UnknownCollectionError,
     ):

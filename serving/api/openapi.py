@@ -29,6 +29,7 @@ WHEN = {
     401: "Missing or invalid API key (`Authorization: Bearer <key>`).",
     403: "An API key on an admin route (writes to the document store, /v1/admin/*): it needs an admin key.",
     404: "Unknown model or collection, or retrieval is off on this server.",
+    409: "The request conflicts with what the server is doing now (the message says what; retry later).",
     413: "The body is larger than the server's max_body_bytes.",
     429: "The engine's queue is full; retry after Retry-After seconds.",
     503: "The engine is shutting down, or the vector store is unreachable; retry after Retry-After seconds.",

@@ -87,3 +87,31 @@ class FixedExpertLoad:
 
     async def expert_load(self) -> ExpertLoad:
         return self.LOAD
+
+
+class PlanningTarget:
+    """A RebalanceTarget (serving/rebalancing.py) that plans for real (router/rebalance.py) from FixedExpertLoad's
+    load, against a contiguous placement on 2 shards, and "deploys" by counting; `refuse` is raised instead."""
+
+    def __init__(self, refuse: Exception | None = None):
+        self.refuse, self.calls, self.deployed = refuse, [], 0
+
+    async def rebalance(self, redundant: int | None, dry_run: bool) -> dict:
+        import torch
+
+        from router.placement import LayeredPlacement, Placement, PlacementError
+        from router.rebalance import rebalance
+        from serving.errors import RequestError
+
+        self.calls.append((redundant, dry_run))
+        if self.refuse is not None:
+            raise self.refuse
+        load = FixedExpertLoad.LOAD
+        current = LayeredPlacement.uniform(Placement.contiguous(load.num_experts, 2), len(load.layers))
+        try:
+            report = rebalance(torch.tensor(load.load), 2, redundant or 0, current=current).to_json()
+        except PlacementError as e:  # as EngineReplica.plan_rebalance answers it
+            raise RequestError(f"redundant={redundant}: {e}") from None
+        self.deployed += not dry_run
+        applied = {"applied": not dry_run, "reason": "dry run" if dry_run else "rolling update started"}
+        return {**report, **applied, "redundant": redundant or 0, "rows": sum(load.load[0])}
