@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from ray.serve import Application
+from ray.serve.config import DEFAULT_METRICS_INTERVAL_S
 
+from deployments.autoscaling import POLICY
 from deployments.config import AppConfig
 from deployments.engine_deployment import EngineFactory, EngineReplica, NativeEngineFactory, VLLMEngineFactory
 from deployments.ingress import Ingress
@@ -108,7 +110,7 @@ def _native_engine(cfg: AppConfig, config: dict) -> EngineFactory:
     shards = [
         ExpertShard.options(
             name=f"ExpertShard-{i}",
-            num_replicas=cfg.shard_replicas,
+            **shard_replicas(cfg, i),
             ray_actor_options=cfg.replica_options(cfg.shard_resources),
             max_surge_percent=cfg.failover.update_surge_percent,
         ).bind(
@@ -123,6 +125,26 @@ def _native_engine(cfg: AppConfig, config: dict) -> EngineFactory:
         for i in range(placement.num_shards if placement else 0)
     ]
     return NativeEngineFactory(config, placement, shards)
+
+
+def shard_replicas(cfg: AppConfig, shard: int) -> dict[str, Any]:
+    """Serve options that size ExpertShard-<shard>: num_replicas, or an autoscaling_config of its own (Serve
+    wants num_replicas unset then) on the expert rows it computes (deployments/autoscaling.py)."""
+    if (scaling := cfg.shard_autoscaling) is None:
+        return {"num_replicas": cfg.shard_replicas}
+    own = scaling.for_shard(shard)
+    target = own.target_expert_rows_per_s
+    autoscaling = {
+        "min_replicas": own.min_replicas,
+        "max_replicas": own.max_replicas,
+        "upscale_delay_s": scaling.upscale_delay_s,
+        "downscale_delay_s": scaling.downscale_delay_s,
+        "look_back_period_s": scaling.look_back_period_s,
+        "policy": {"policy_function": POLICY, "policy_kwargs": {"target_expert_rows_per_s": target}},
+    }
+    if scaling.metrics_interval_s != DEFAULT_METRICS_INTERVAL_S:  # Serve warns on any other value (deprecated)
+        autoscaling["metrics_interval_s"] = scaling.metrics_interval_s
+    return {"autoscaling_config": autoscaling}
 
 
 def _vllm_engine(cfg: AppConfig, config: dict) -> EngineFactory:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from serving.engine_client import EngineConfig
 from serving.retrieval.chunking import DEFAULT_MAX_TOKENS, DEFAULT_OVERLAP_TOKENS
@@ -17,7 +17,8 @@ from serving.vllm_engine import VLLMOptions
 
 # Fields that only the native engine reads (expert shards); with engine: vllm setting one is an error.
 NATIVE_ONLY = (
-    "shards", "shard_replicas", "placement", "explicit_placement", "placement_file", "shard_resources", "rebalance"
+    "shards", "shard_replicas", "shard_autoscaling", "placement", "explicit_placement", "placement_file",
+    "shard_resources", "rebalance",
 )  # fmt: skip
 
 
@@ -210,6 +211,101 @@ class RebalanceConfig(BaseModel):
     )
 
 
+class ShardScaling(BaseModel):
+    """One shard's replica bounds and target: what `ShardAutoscalingConfig.for_shard` resolves."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_replicas: int = Field(
+        1,
+        ge=1,
+        description="Fewest replicas of the shard. At least 1: every layer of every step calls every shard that "
+        "holds a routed expert, so a shard scaled to zero would stall each step for a cold start.",
+    )
+    max_replicas: int = Field(
+        1,
+        ge=1,
+        description="Most replicas of the shard (each reserves shard_resources; on GPUs, one GPU). 1, as in "
+        "Serve, scales nothing: set it.",
+    )
+    target_expert_rows_per_s: float = Field(
+        1000.0,
+        gt=0,
+        description="Expert rows (one token row through one of the shard's experts) a replica should compute "
+        "per second. Serve keeps ceil(the shard's rows per second / this) replicas, within the bounds; measure a "
+        "replica's capacity (moe-serve loadtest, benchmarks/) and set this below it; 1000 is no measurement.",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ShardScaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} must be <= max_replicas={self.max_replicas}")
+        return self
+
+
+class ShardScalingOverride(BaseModel):
+    """A shard's own values; a field left out (null) is taken from `shard_autoscaling`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_replicas: int | None = Field(None, ge=1, description="This shard's min_replicas.")
+    max_replicas: int | None = Field(None, ge=1, description="This shard's max_replicas.")
+    target_expert_rows_per_s: float | None = Field(None, gt=0, description="This shard's target_expert_rows_per_s.")
+
+
+class ShardAutoscalingConfig(ShardScaling):
+    """Serve autoscaling of each ExpertShard-<i> deployment on its own, on the expert rows it computes.
+
+    The bounds and target apply to every shard; `overrides` gives single shards their own. The delays and
+    the metric windows are Serve's AutoscalingConfig fields of the same names, shared by every shard.
+    deployments/autoscaling.py says why the metric is expert rows per second and not Serve's ongoing requests.
+
+        shard_autoscaling: {min_replicas: 1, max_replicas: 4, target_expert_rows_per_s: 2000,
+                            overrides: {0: {max_replicas: 8}}}
+    """
+
+    upscale_delay_s: float = Field(
+        30.0, ge=0, description="How long the rows must call for more replicas before Serve adds them."
+    )
+    downscale_delay_s: float = Field(
+        600.0, ge=0, description="How long the rows must call for fewer replicas before Serve stops some."
+    )
+    look_back_period_s: float = Field(
+        30.0, gt=0, description="The window each replica's expert rows per second are averaged over."
+    )
+    metrics_interval_s: float = Field(
+        10.0,
+        gt=0,
+        description="How often each replica reports its rate to Serve's controller (Serve marks this field "
+        "deprecated and warns when it is not 10; it is still what sets the interval in Ray 2.60).",
+    )
+    overrides: dict[int, ShardScalingOverride] = Field(
+        default_factory=dict,
+        description="Per shard index (0 .. shards-1), values of its own, e.g. {0: {max_replicas: 8}} for a shard "
+        "that holds the hot experts.",
+    )
+
+    @model_validator(mode="after")
+    def _windows(self) -> ShardAutoscalingConfig:
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError(
+                f"look_back_period_s={self.look_back_period_s} must be > metrics_interval_s="
+                f"{self.metrics_interval_s} (the window must hold more than one report)"
+            )
+        for shard in self.overrides:
+            self.for_shard(shard)  # each shard's own bounds in order
+        return self
+
+    def for_shard(self, shard: int) -> ShardScaling:
+        """Shard `shard`'s bounds and target: its override's fields where set, the shared ones elsewhere."""
+        fields = ShardScaling.model_fields
+        own = self.overrides[shard].model_dump(exclude_none=True) if shard in self.overrides else {}
+        try:
+            return ShardScaling(**({name: getattr(self, name) for name in fields} | own))
+        except ValidationError as e:
+            raise ValueError(f"overrides.{shard}: {e.errors()[0]['msg']}") from None
+
+
 class AppConfig(BaseModel):
     """Everything `build_app` needs to deploy the cluster."""
 
@@ -240,7 +336,14 @@ class AppConfig(BaseModel):
     shards: int = Field(
         2, ge=0, description="Expert shards (ExpertShard-<i> deployments); 0 keeps experts in the router."
     )
-    shard_replicas: int = Field(1, ge=1, description="Replicas of each shard.")
+    shard_replicas: int = Field(
+        1, ge=1, description="Replicas of each shard, a fixed number (without shard_autoscaling; it sets them then)."
+    )
+    shard_autoscaling: ShardAutoscalingConfig | None = Field(
+        None,
+        description="Serve autoscaling of each shard on its own, between min_replicas and max_replicas, on the "
+        "expert rows it computes (a hot shard gains replicas, cold ones do not); null: shard_replicas each.",
+    )
     placement: Literal["contiguous", "round_robin", "explicit", "file"] = Field(
         "contiguous",
         description="How experts are assigned to shards: the same way in every MoE layer (contiguous, round_robin), "
@@ -306,6 +409,24 @@ class AppConfig(BaseModel):
                 raise ValueError(f"{where} lists {len(shards)} shards but shards={self.shards}")
         return self
 
+    @model_validator(mode="after")
+    def _one_way_to_size_shards(self) -> AppConfig:
+        if (scaling := self.shard_autoscaling) is None:
+            return self
+        if self.shard_replicas != 1:
+            raise ValueError(
+                f"shard_replicas={self.shard_replicas} with shard_autoscaling: autoscaled shards have "
+                "min_replicas..max_replicas replicas; remove shard_replicas (or set min_replicas)"
+            )
+        if self.shards == 0:
+            raise ValueError("shard_autoscaling with shards: 0: there are no shards to scale; remove it")
+        if outside := sorted(i for i in scaling.overrides if not 0 <= i < self.shards):
+            raise ValueError(
+                f"shard_autoscaling.overrides: shard(s) {outside} do not exist (shards={self.shards}: "
+                f"0..{self.shards - 1})"
+            )
+        return self
+
     @property
     def explicit_per_layer(self) -> bool:
         """Whether explicit_placement gives each MoE layer its own shard lists."""
@@ -324,9 +445,18 @@ class AppConfig(BaseModel):
         """The model id clients use, and the `model` label of every metric."""
         return self.served_model_name or Path(self.model).name
 
+    def shard_replica_bounds(self, shard: int) -> tuple[int, int]:
+        """(fewest, most) replicas shard `shard` may have: shard_replicas both, or its autoscaling bounds."""
+        if self.shard_autoscaling is None:
+            return self.shard_replicas, self.shard_replicas
+        scaling = self.shard_autoscaling.for_shard(shard)
+        return scaling.min_replicas, scaling.max_replicas
+
     def total_cpus(self) -> float:
-        """Logical CPUs all replicas reserve together (a local cluster needs at least this many)."""
-        shards = self.shards * self.shard_replicas * self.shard_resources.num_cpus if self.engine == "native" else 0
+        """Logical CPUs all replicas reserve together, autoscaled shards at max_replicas (a local cluster needs
+        at least this many)."""
+        most = sum(self.shard_replica_bounds(i)[1] for i in range(self.shards)) if self.engine == "native" else 0
+        shards = most * self.shard_resources.num_cpus
         retriever = self.retrieval.replicas * self.retrieval.resources.num_cpus if self.retrieval else 0.0
         return self.routers * self.router_resources.num_cpus + shards + self.ingress_resources.num_cpus + retriever
 

@@ -8,6 +8,9 @@ resolved in the replica and exported once as moe_expert_kernel_info{model, kerne
 A replica is ready (Serve routes calls to it, and in a rolling update stops an old one for it) only once a
 router of its own version is up, or after `router_wait_s`: a shard of a new version is of use only to new
 routers, and old routers keep the old shards meanwhile instead of waiting for new routers to start.
+
+Each replica counts the expert rows it computes and reports their rate to Serve (`record_autoscaling_stats`),
+the metric a shard autoscales on with `shard_autoscaling` (deployments/autoscaling.py).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from ray import serve
 from torch import Tensor
 
+from deployments.autoscaling import EXPERT_ROWS_PER_S, RowRate
 from deployments.engine_deployment import NativeEngineFactory
 from deployments.metrics import RaySink
 from serving.engine_client import EngineConfig
@@ -61,11 +65,12 @@ class ExpertShard:
                 f"ExpertShard-{shard_id}: {len(per_layer)} expert lists for {len(cfg.moe_layer_ids)} MoE layers"
             )
         self.shard_id = shard_id
+        self.rows = RowRate()
         self.expert_ids = {layer: sorted(ids) for layer, ids in zip(cfg.moe_layer_ids, per_layer, strict=True)}
         self.version = shard_version(model_path, shard_id, self.expert_ids)
         config = EngineConfig.model_validate(engine_config)
-        replica = serve.get_replica_context().replica_tag
-        self.device = resolve_device(config.device, accelerator, f"ExpertShard-{shard_id} replica {replica}")
+        self.replica = serve.get_replica_context().replica_tag
+        self.device = resolve_device(config.device, accelerator, f"ExpertShard-{shard_id} replica {self.replica}")
         ckpt = Checkpoint(model_path, fp8_block=cfg.fp8_block)  # fp8: only these experts' weights and scales
         self.layers = load_experts(
             ckpt, cfg, self.expert_ids, torch_dtype(config.dtype), self.device, config.expert_kernel
@@ -104,7 +109,14 @@ class ExpertShard:
                 f"version {version}: the router and this replica are of different app versions"
             )
         # Host -> device on arrival, device -> host for the reply (Serve pickles it back to the router).
-        return run_shard_call(self.layers, layer, call.to(self.device)).cpu()
+        out = run_shard_call(self.layers, layer, call.to(self.device)).cpu()
+        self.rows.add(call.experts.numel())  # one expert row per (row, expert) assignment
+        return out
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric, asked for every look_back_period_s / 5: expert rows computed per
+        second since it last asked. Only deployments with an autoscaling_config ask."""
+        return {EXPERT_ROWS_PER_S: self.rows.rate()}
 
     def ping(self) -> bool:
         """A replica is up (the transport's probe of a shard that failed)."""
@@ -119,4 +131,6 @@ class ExpertShard:
             "expert_bytes": sum(layer.nbytes for layer in self.layers.values()),
             "expert_kernel": self.kernel,
             "version": self.version,
+            "replica": self.replica,
+            "expert_rows": self.rows.total,  # computed by this replica since it started
         }

@@ -139,6 +139,13 @@ def fitted_exponent(load: Sequence[int]) -> float:
     return float(-(dx * (y - y.mean())).sum() / (dx * dx).sum())
 
 
+def rank_orders(num_experts: int, num_layers: int, seed: int) -> list[list[int]]:
+    """Per MoE layer in model order, the expert ids from most to least loaded that `skew_gates` with `seed`
+    gives them (a placement can put a layer's hottest experts on one shard: tests/deployments/test_autoscaling)."""
+    order = torch.Generator().manual_seed(seed)
+    return [torch.randperm(num_experts, generator=order).tolist() for _ in range(num_layers)]
+
+
 def skew_gates(model: PreTrainedModel, skew: ZipfSkew, seed: int, prompts: list[list[int]]) -> None:
     """Bias the gates of a transformers MoE `model` in place so that each MoE layer's load on `prompts`
     follows `skew` (module docstring); ranks are a random permutation of the experts per layer from `seed`.
@@ -167,10 +174,10 @@ def _skew_layers(
 ) -> None:
     """skew_gates' work, layer by layer in model order (a layer's skew changes what the next one sees)."""
     spec = config.gate
-    order = torch.Generator().manual_seed(seed)
-    for layer in config.moe_layer_ids:
+    orders = rank_orders(spec.num_experts, len(config.moe_layer_ids), seed)
+    for layer, order in zip(config.moe_layer_ids, orders, strict=True):
         gate = model.model.layers[layer].mlp.gate
-        ranks = torch.randperm(spec.num_experts, generator=order)  # expert of rank r+1 is ranks[r]
+        ranks = torch.tensor(order)  # expert of rank r+1 is ranks[r]
         target = torch.empty(spec.num_experts, dtype=torch.float64)
         target[ranks] = skew.shares(spec.num_experts)  # [E] by expert id
         hidden = gate_inputs(model, layer, prompts)  # [T, D]

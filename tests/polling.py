@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 
 
-async def poll(condition, timeout: float = 10.0) -> bool:
-    """True as soon as condition() holds; False if it still does not after `timeout` seconds."""
+async def poll(condition, timeout: float = 10.0, interval: float = 0.01) -> bool:
+    """True as soon as condition() holds; False if it still does not after `timeout` seconds. `interval`:
+    the pause between checks (longer for a condition that asks Serve's controller)."""
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
     while loop.time() < end:
         if condition():
             return True
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(interval)
     return condition()

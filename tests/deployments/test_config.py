@@ -199,3 +199,59 @@ def test_the_expert_load_window_is_a_bounded_number_of_seconds():
     for bad in (0, 0.5, 86401):  # under a second (a unit slip: ms?) or over a day
         with pytest.raises(ValidationError, match="expert_load_window_s"):
             AppConfig.model_validate({"model": "x", "engine_config": {"expert_load_window_s": bad}})
+
+
+def test_shard_autoscaling_bounds_overrides_and_conflicts_are_checked_once():
+    scaling = {"max_replicas": 3, "target_expert_rows_per_s": 500, "overrides": {1: {"max_replicas": 6}}}
+    cfg = AppConfig.model_validate({"model": "x", "shards": 2, "shard_autoscaling": scaling})
+    assert [cfg.shard_replica_bounds(i) for i in (0, 1)] == [(1, 3), (1, 6)]
+    assert cfg.shard_autoscaling.for_shard(1).target_expert_rows_per_s == 500  # inherited
+    assert cfg.total_cpus() == 1.0 + (3 + 6) * 0.5 + 0.25  # shards at their max_replicas
+    assert AppConfig.model_validate(cfg.model_dump()) == cfg  # what build_app hands the replicas (int keys kept)
+    bad = [
+        ({"shard_autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "min_replicas=3 must be <= max_replicas=2"),
+        (
+            {"shard_autoscaling": {"max_replicas": 4, "overrides": {0: {"min_replicas": 5}}}},
+            r"overrides.0: .*min_replicas=5 must be <= max_replicas=4",
+        ),  # fmt: skip
+        ({"shard_autoscaling": {"overrides": {2: {}}}}, r"overrides: shard\(s\) \[2\] do not exist \(shards=2: 0..1\)"),
+        ({"shard_autoscaling": {}, "shard_replicas": 2}, "shard_replicas=2 with shard_autoscaling"),
+        ({"shard_autoscaling": {}, "shards": 0}, "shard_autoscaling with shards: 0"),
+        ({"shard_autoscaling": {"min_replicas": 0}}, "min_replicas"),
+        ({"shard_autoscaling": {"look_back_period_s": 5, "metrics_interval_s": 5}}, "look_back_period_s=5.0 must be >"),
+        ({"shard_autoscaling": {"target_ongoing_requests": 2}}, "target_ongoing_requests"),  # not Serve's metric
+        ({"shard_autoscaling": {}, "engine": "vllm", "shards": 2}, "shard_autoscaling: expert shards"),
+    ]
+    for extra, match in bad:
+        with pytest.raises(ValidationError, match=match):
+            AppConfig.model_validate({"model": "x", "shards": 2, **extra})
+
+
+def test_each_shard_gets_its_own_serve_autoscaling_config_or_a_fixed_replica_count(demo_dir):
+    """What reaches Serve per ExpertShard-<i>: with shard_autoscaling, no num_replicas and an autoscaling_config
+    of its own bounds, on the expert-rows policy with its own target; without, shard_replicas each."""
+    from deployments.autoscaling import POLICY
+
+    def shard_configs(**args):
+        router = build_app({"model": str(demo_dir), "shards": 2, **args})._bound_deployment.init_args[1]
+        return [s._bound_deployment._deployment_config for s in router._bound_deployment.init_args[0].shards]
+
+    assert [c.num_replicas for c in shard_configs(shard_replicas=3)] == [3, 3]
+    assert [c.autoscaling_config for c in shard_configs(shard_replicas=3)] == [None, None]
+    scaling = {
+        "max_replicas": 2,
+        "target_expert_rows_per_s": 150,
+        "upscale_delay_s": 1,
+        "downscale_delay_s": 2,
+        "look_back_period_s": 12,
+        "overrides": {1: {"max_replicas": 4, "target_expert_rows_per_s": 80}},
+    }
+    configs = [c.autoscaling_config for c in shard_configs(shard_autoscaling=scaling)]
+    got = [(c.min_replicas, c.max_replicas, c.policy.policy_kwargs["target_expert_rows_per_s"]) for c in configs]
+    assert got == [(1, 2, 150), (1, 4, 80)]
+    for c in configs:
+        assert c.policy.policy_function == POLICY
+        assert (c.upscale_delay_s, c.downscale_delay_s, c.look_back_period_s, c.metrics_interval_s) == (1, 2, 12, 10)
+    with pytest.warns(DeprecationWarning, match="metrics_interval_s"):  # Serve's own warning; the field still works
+        fast = shard_configs(shard_autoscaling={"look_back_period_s": 2, "metrics_interval_s": 0.5})
+    assert [c.autoscaling_config.metrics_interval_s for c in fast] == [0.5, 0.5]

@@ -1,0 +1,136 @@
+"""Per-shard autoscaling (deployments/autoscaling.py): the policy and the rate it reads, without Ray; then
+a skewed demo on the session's cluster where the hot shard gains a replica under load, the cold one does
+not, the router's calls reach both replicas of the hot shard, and the hot shard scales back once idle."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+import httpx
+from ray import serve
+from ray.serve._private.common import ReplicaState
+
+from deployments.autoscaling import EXPERT_ROWS_PER_S, ExpertRowsPolicy, RowRate
+from deployments.local_cluster import deploy_app
+from serving.demo import CORPUS, make_demo
+from serving.model.config import ModelConfig
+from serving.router_skew import rank_orders
+from tests.polling import poll
+
+
+def context(rates: dict[str, float] | None, current: int = 1) -> SimpleNamespace:
+    """The fields of Serve's AutoscalingContext that the policy reads."""
+    metrics = None if rates is None else {EXPERT_ROWS_PER_S: rates}
+    return SimpleNamespace(aggregated_metrics=metrics, target_num_replicas=current)
+
+
+def test_policy_asks_for_the_replicas_the_shards_rows_need():
+    policy = ExpertRowsPolicy(target_expert_rows_per_s=100)
+    assert policy(context({"a": 250.0}))[0] == 3  # ceil(250 / 100)
+    assert policy(context({"a": 60.0, "b": 70.0}, current=2))[0] == 2  # the replicas' rates add up
+    assert policy(context({"a": 0.0, "b": 0.0}, current=2))[0] == 1  # idle: Serve's min_replicas bounds it
+    assert policy(context(None, current=2))[0] == 2  # nothing reported yet: keep the current target
+    assert policy(context({}, current=3))[0] == 3
+
+
+def test_row_rate_is_rows_per_second_since_the_last_ask():
+    now = [10.0]
+    rate = RowRate(clock=lambda: now[0])
+    rate.add(30)
+    rate.add(20)
+    now[0] = 12.0
+    assert rate.rate() == 25.0
+    now[0] = 13.0
+    assert rate.rate() == 0.0 and rate.total == 50
+
+
+def skewed_demo(folder) -> dict:
+    """App args of the skewed Mixtral demo on 2 shards: in each MoE layer the 6 hottest experts on shard 0 and
+    the 2 coldest on shard 1, so shard 0 computes ~7x the expert rows (measured: deployments/autoscaling.py)."""
+    demo = make_demo(folder / "demo-skewed", "mixtral", router_skew="zipf:1.43", progress=False)
+    model = ModelConfig.from_pretrained(demo)
+    orders = rank_orders(model.num_experts, len(model.moe_layer_ids), seed=0)  # make_demo's default seed
+    plan = folder / "plan.json"
+    plan.write_text(json.dumps({"placement": [[sorted(order[:6]), sorted(order[6:])] for order in orders]}))
+    return {"model": str(demo), "served_model_name": "demo", "shards": 2, "placement": "file",
+            "placement_file": str(plan)}  # fmt: skip
+
+
+def running(app: str, deployment: str) -> int:
+    return serve.status().applications[app].deployments[deployment].replica_states.get(ReplicaState.RUNNING, 0)
+
+
+async def rows_by_replica(handle, calls: int = 8) -> dict[str, int]:
+    """{replica tag: expert rows it computed} of the replicas that `calls` info() calls reached."""
+    return {i["replica"]: i["expert_rows"] for i in await asyncio.gather(*(handle.info.remote() for _ in range(calls)))}
+
+
+# 4 users, each starting a request every second (or at once when the last took longer): ~4 requests/s of ~30
+# tokens, about half of what the machine serves when quiet. Paced, not closed-loop, so the rows per second
+# are set by the load, not by the machine's speed: the hot shard gets ~230/s and the cold one ~30/s (measured), unless
+# the machine is more than ~3x slower than when quiet (then the hot shard still computes > TARGET).
+USERS, PACE_S, TARGET = 4, 1.0, 70.0
+
+
+def test_the_hot_shard_scales_up_under_load_and_back_down_the_cold_one_stays(serve_url, tmp_path):
+    scaling = {"min_replicas": 1, "max_replicas": 2, "target_expert_rows_per_s": TARGET, "upscale_delay_s": 1,
+               "downscale_delay_s": 2, "look_back_period_s": 2, "metrics_interval_s": 0.5}  # fmt: skip
+    name = "autoscale"
+    url = deploy_app(serve_url, name, {**skewed_demo(tmp_path), "shard_autoscaling": scaling}, timeout_s=240)
+    words = CORPUS.read_text().split()  # text like what the gates' skew was fitted on
+    cold_counts: list[int] = []
+
+    async def user(client: httpx.AsyncClient, i: int, stop: asyncio.Event) -> None:
+        loop, k = asyncio.get_running_loop(), 0
+        while not stop.is_set():
+            k, started = k + 1, loop.time()
+            prompt = " ".join(words[(37 * i + 11 * k) % 500 :][:12])
+            body = {"model": "demo", "prompt": prompt, "max_tokens": 16, "temperature": 0}
+            r = await client.post(f"{url}/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            try:  # the pace, ended early by stop
+                await asyncio.wait_for(stop.wait(), timeout=max(0.0, started + PACE_S - loop.time()))
+            except TimeoutError:
+                pass
+
+    def hot_scaled_up() -> bool:
+        cold_counts.append(running(name, "ExpertShard-1"))
+        return running(name, "ExpertShard-0") == 2
+
+    async def main() -> None:
+        hot, cold = (serve.get_deployment_handle(f"ExpertShard-{i}", name) for i in (0, 1))
+        stop = asyncio.Event()
+        async with httpx.AsyncClient(timeout=120) as client:
+            users = [asyncio.create_task(user(client, i, stop)) for i in range(USERS)]
+            try:
+                loop = asyncio.get_running_loop()
+                started, before = loop.time(), await asyncio.gather(rows_by_replica(hot, 1), rows_by_replica(cold, 1))
+                if not await poll(hot_scaled_up, timeout=90, interval=0.25):  # then each still has one replica
+                    after = await asyncio.gather(rows_by_replica(hot, 1), rows_by_replica(cold, 1))
+                    rates = [
+                        (sum(a.values()) - sum(b.values())) / (loop.time() - started)
+                        for b, a in zip(before, after, strict=True)
+                    ]
+                    raise AssertionError(f"the hot shard did not gain a replica; expert rows/s, hot and cold: {rates}")
+                # The router's calls reach both replicas of the hot shard (each counts the rows it computed).
+                seen: dict[str, int] = {}
+                for _ in range(60):
+                    seen |= {r: n for r, n in (await rows_by_replica(hot)).items() if n > 0}
+                    if len(seen) == 2:
+                        break
+                    await asyncio.sleep(0.5)
+                assert len(seen) == 2, f"only replica(s) {seen} of the hot shard computed rows"
+                cold_counts.append(running(name, "ExpertShard-1"))
+            finally:
+                stop.set()
+                await asyncio.gather(*users)
+        assert set(cold_counts) == {1}, f"the cold shard's running replicas under load: {cold_counts}"
+        idle = await poll(lambda: running(name, "ExpertShard-0") == 1, timeout=60, interval=0.25)
+        assert idle, "the hot shard kept 2 replicas after the load stopped"
+
+    try:
+        asyncio.run(main())
+    finally:
+        serve.delete(name)
