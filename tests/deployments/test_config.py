@@ -255,3 +255,20 @@ def test_each_shard_gets_its_own_serve_autoscaling_config_or_a_fixed_replica_cou
     with pytest.warns(DeprecationWarning, match="metrics_interval_s"):  # Serve's own warning; the field still works
         fast = shard_configs(shard_autoscaling={"look_back_period_s": 2, "metrics_interval_s": 0.5})
     assert [c.autoscaling_config.metrics_interval_s for c in fast] == [0.5, 0.5]
+
+
+def test_explicit_placement_per_layer_is_what_a_rebalance_deploys(demo_dir):
+    """One list of shards per MoE layer (the rebalancer's plan); a layer with the wrong shard count is named."""
+    per_layer = [[[0, 1, 2, 3, 7], [4, 5, 6, 7]], [[0, 2, 4, 6], [0, 1, 3, 5, 7]]]
+    cfg = validate({"model": str(demo_dir), "shards": 2, "placement": "explicit", "explicit_placement": per_layer})
+    assert cfg.explicit_per_layer and [layer.shards for layer in plan_placement(cfg).layers] == [
+        ((0, 1, 2, 3, 7), (4, 5, 6, 7)),
+        ((0, 2, 4, 6), (0, 1, 3, 5, 7)),
+    ]
+    assert AppConfig.model_validate(cfg.model_dump()).explicit_placement == per_layer  # as the replicas read it
+    with pytest.raises(ValidationError, match=r"explicit_placement\[1\] lists 3 shards but shards=2"):
+        AppConfig.model_validate(
+            {"model": "x", "placement": "explicit", "explicit_placement": [per_layer[0], [[0]] * 3]}
+        )
+    with pytest.raises(PlacementError, match=r"explicit_placement: 1 layers of 2 shards, but the model has 2 MoE"):
+        plan_placement(validate({**cfg.model_dump(), "explicit_placement": per_layer[:1]}))
