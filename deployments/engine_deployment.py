@@ -61,6 +61,7 @@ class NativeEngineFactory:
         from serving.experts.kernels import kernel_of
         from serving.experts.loading import load_experts
         from serving.experts.local import LocalExpertBackend
+        from serving.experts.shard_rows import ShardRowsWindow
         from serving.experts.sharded import RetryPolicy, ShardedExpertBackend
         from serving.metrics import EXPERT_KERNEL
         from serving.model.decoder import load_model
@@ -86,7 +87,8 @@ class NativeEngineFactory:
             )  # fmt: skip
             policy = RetryPolicy(wait_s=failover.shard_wait_s)
             per_layer = dict(zip(model.config.moe_layer_ids, self.placement.layers, strict=True))
-            experts = ShardedExpertBackend(per_layer, transport, policy, sink, name)
+            rows = ShardRowsWindow(self.placement.num_shards, cfg.engine_config.expert_load_window_s)
+            experts = ShardedExpertBackend(per_layer, transport, policy, sink, name, replica, rows)
         labels = {"model": name, "replica": replica}
         engine = LLMEngine(model, experts, Tokenizer(cfg.model), cfg.engine_config, metrics=sink, metric_labels=labels)
         return AsyncEngine(engine, name="router")

@@ -1,7 +1,7 @@
 """Every metric the service exports, declared in one place, and the pure-Python parts that record them.
 
-Names carry the `moe_` prefix and their unit (`_seconds`, `_total`); labels are bounded (model,
-route, status, shard, layer, expert, kernel), never a request id. What measures what:
+Names carry the `moe_` prefix and their unit (`_seconds`, `_total`, `_rows`, `_ratio`); labels are bounded
+(model, replica, route, status, shard, layer, expert, kernel), never a request id. What measures what:
 
     TTFT, ITL, end-to-end     MeteredClient, around the engine client the HTTP API calls: what users feel
     HTTP requests             HttpMetrics, an ASGI middleware (route and status code)
@@ -9,6 +9,10 @@ route, status, shard, layer, expert, kernel), never a request id. What measures 
     tokens per expert         RoutingCounter (serving/experts/routing_counter.py), the gate's choices
     expert kernel             each replica holding experts, once at start (shard, or router with shards: 0)
     dispatch per shard        the shard transport (deployments/transport.py)
+    rows per shard, balance   the sharded expert backend (serving/experts/sharded.py), where a layer's rows are
+                                split between shards: each call's rows (a histogram, and a counter: exact sums),
+                                each layer's balancedness over the router's window of them
+                                (serving/experts/shard_rows.py); none with shards: 0
     shard retries, hedges,    the sharded expert backend (serving/experts/sharded.py) and the transport:
       timeouts, failovers       what a dead or slow shard replica cost
     request migrations        the Ingress's router client (deployments/ingress.py): streams moved off a dead router
@@ -34,6 +38,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5.0)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+# (token, expert) rows of one shard call: up to max_batched_tokens x top-k in a prefill step
+SHARD_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,15 @@ EXPERT_KERNEL = Metric("moe_expert_kernel_info", "gauge", "1 for the expert kern
                        "a replica holding experts runs.", labels=("model", "kernel"))  # fmt: skip
 DISPATCH = Metric("moe_dispatch_seconds", "histogram", "One MoE layer's call to one shard, send to result.",
                   labels=("model", "shard"), buckets=STEP_BUCKETS)  # fmt: skip
+SHARD_CALL_ROWS = Metric("moe_shard_call_rows", "histogram", "(token, expert) rows one MoE layer call sent to one "
+                         "shard and got results for: the shard's load as router/balance.py counts it.",
+                         labels=("model", "layer", "shard"), buckets=SHARD_ROWS_BUCKETS)  # fmt: skip
+# The same rows counted exactly: Ray exports a histogram's _sum estimated from bucket midpoints, not the sum
+SHARD_ROWS = Metric("moe_shard_rows_total", "counter", "(token, expert) rows shards computed, per MoE layer (the "
+                    "sum of moe_shard_call_rows, exact).", labels=("model", "layer", "shard"))  # fmt: skip
+BALANCEDNESS = Metric("moe_expert_balancedness_ratio", "gauge", "Mean shard rows / max shard rows of one MoE layer "
+                      "over this router's expert_load_window_s (1 = even; router/planner.py balancedness).",
+                      labels=("model", "replica", "layer"))  # fmt: skip
 SHARD_RETRIES = Metric("moe_shard_retries_total", "counter", "Shard calls sent again after an attempt failed "
                        "(replica died or unreachable, or timed out).", labels=("model", "shard"))  # fmt: skip
 SHARD_TIMEOUTS = Metric("moe_shard_timeouts_total", "counter", "Shard call attempts that passed "
@@ -92,8 +107,9 @@ RETRIEVAL_ERRORS = Metric("moe_retrieval_errors_total", "counter", "Searches tha
                           labels=("model", "reason"))  # fmt: skip
 
 ALL = (TTFT, ITL, E2E, QUEUE, PROMPT_TOKENS, GENERATED_TOKENS, RUNNING, WAITING, KV_USAGE, STEP, BATCH,
-       EXPERT_TOKENS, EXPERT_KERNEL, DISPATCH, SHARD_RETRIES, SHARD_TIMEOUTS, SHARD_HEDGES, SHARD_FAILOVERS,
-       MIGRATIONS, REBALANCES, HTTP_REQUESTS, RETRIEVAL, RETRIEVAL_ERRORS)  # fmt: skip
+       EXPERT_TOKENS, EXPERT_KERNEL, DISPATCH, SHARD_CALL_ROWS, SHARD_ROWS, BALANCEDNESS, SHARD_RETRIES,
+       SHARD_TIMEOUTS, SHARD_HEDGES, SHARD_FAILOVERS, MIGRATIONS, REBALANCES, HTTP_REQUESTS, RETRIEVAL,
+       RETRIEVAL_ERRORS)  # fmt: skip
 
 
 class MetricsSink(Protocol):

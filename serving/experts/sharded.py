@@ -19,6 +19,12 @@ The rows of a replicated expert are split between its live holders, in the propo
 step's shard loads best (router/balance.py: split_rows), so one expert's rows may go to several shards in
 one step; a shard that failed gets none of them until a call to it succeeds or a probe in the background
 (`transport.probe`) finds a replica up again, so they never wait for it.
+
+Metrics: each call that returns is observed in moe_shard_call_rows{layer, shard} ((token, expert) rows, the
+shard's load) and counted in moe_shard_rows_total, and kept in a window of rows per (layer, shard)
+(serving/experts/shard_rows.py) whose balancedness per layer is set in moe_expert_balancedness_ratio{replica,
+layer} every BALANCE_REPORT_S, as a step starts (at its first MoE layer). With no traffic the gauge keeps its
+last value.
 """
 
 from __future__ import annotations
@@ -38,7 +44,18 @@ from router.dispatch import Assignments, ShardBatch, check_expert_map, combine, 
 from router.placement import Placement
 from serving.errors import EngineUnavailableError, StalePlacementError
 from serving.experts.backend import LayerExperts
-from serving.metrics import SHARD_FAILOVERS, SHARD_RETRIES, MetricsSink, NullSink
+from serving.experts.shard_rows import ShardRowsWindow
+from serving.metrics import (
+    BALANCEDNESS,
+    SHARD_CALL_ROWS,
+    SHARD_FAILOVERS,
+    SHARD_RETRIES,
+    SHARD_ROWS,
+    MetricsSink,
+    NullSink,
+)
+
+BALANCE_REPORT_S = 5.0  # moe_expert_balancedness_ratio is set at most this often (from the engine thread)
 
 
 @dataclass(frozen=True)
@@ -121,6 +138,9 @@ class ShardedExpertBackend:
 
     >>> backend = ShardedExpertBackend(Placement.contiguous(8, 2), InProcessTransport(shard_experts))
     >>> out = backend(layer, hidden, weights, ids)  # same numbers as LocalExpertBackend
+
+    replica labels this router's balancedness gauge; shard_rows is the window it is computed over (default:
+    60 s, engine_config.expert_load_window_s in a deployment).
     """
 
     def __init__(
@@ -130,9 +150,11 @@ class ShardedExpertBackend:
         policy: RetryPolicy | None = None,
         metrics: MetricsSink | None = None,
         model: str = "model",
+        replica: str = "0",
+        shard_rows: ShardRowsWindow | None = None,
     ):
         self.transport, self.policy = transport, policy or RetryPolicy()
-        self.metrics, self.model = metrics or NullSink(), model
+        self.metrics, self.model, self.replica = metrics or NullSink(), model, replica
         self.every_layer: _Layout | None = None  # one placement for every layer, or
         self.layouts: dict[int, _Layout] = {}  # one per MoE layer (model layer index)
         if isinstance(placement, Placement):
@@ -143,6 +165,13 @@ class ShardedExpertBackend:
         if not layouts or len({lay.placement.num_shards for lay in layouts}) > 1:
             raise ValueError("ShardedExpertBackend: needs a placement, the same shards in every layer")
         self.num_shards = layouts[0].placement.num_shards
+        self.shard_rows = shard_rows or ShardRowsWindow(self.num_shards, window_s=60.0)
+        if self.shard_rows.num_shards != self.num_shards:
+            raise ValueError(f"ShardedExpertBackend: shard_rows counts {self.shard_rows.num_shards} shards, the "
+                             f"placement has {self.num_shards}")  # fmt: skip
+        self._first_layer: int | None = None  # the MoE layer each step starts with (the first one called)
+        self._next_report = float("-inf")
+        self._row_labels: dict[tuple[int, int], dict[str, str]] = {}  # (layer, shard) -> labels of the rows metrics
         self.replicated = any(lay.replicated for lay in layouts)  # any layer: the probes serve them all
         self.failed: set[int] = set()  # shards replicated experts keep off until they answer again
         self._probing: set[int] = set()
@@ -158,6 +187,10 @@ class ShardedExpertBackend:
 
     def __call__(self, layer: int, hidden: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
         layout = self._layout(layer, ids.device)
+        if layer == self._first_layer and self.shard_rows.clock() >= self._next_report:
+            self.report_balancedness()  # as a step starts: the window holds whole steps, every layer in them
+        elif self._first_layer is None:
+            self._first_layer = layer
         out = torch.zeros_like(hidden)  # [T, D]
         pending, deadline, stale_deadline, pause = flatten(weights, ids), None, None, self.policy.pause_s
         while True:
@@ -203,17 +236,38 @@ class ShardedExpertBackend:
             if b is not None
         }
         results = self.transport.run(layer, calls)  # {shard: [R_s, D] | ShardFailure}
-        failed = {}
+        failed, rows = {}, {}
         for shard in sorted(results):
             result = results[shard]
             if isinstance(result, ShardFailure):
                 failed[shard] = result
             else:
                 combine(out, batches[shard].rows, result)  # moves a host result to out's device
+                rows[shard] = batches[shard].experts.numel()  # A_s: a shape, no device sync
                 if self.failed:
                     with self._lock:
                         self.failed.discard(shard)  # it answers again
+        self._count_rows(layer, rows)
         return batches, failed
+
+    def _count_rows(self, layer: int, rows: dict[int, int]) -> None:
+        """The rows each shard computed in this round: into moe_shard_call_rows, moe_shard_rows_total, the window."""
+        for shard, n in rows.items():
+            labels = self._row_labels.get((layer, shard))
+            if labels is None:  # made once per (layer, shard): this runs for every shard call
+                labels = {"model": self.model, "layer": str(layer), "shard": str(shard)}
+                self._row_labels[layer, shard] = labels
+            self.metrics.record(SHARD_CALL_ROWS, n, labels)
+            self.metrics.record(SHARD_ROWS, n, labels)
+        self.shard_rows.add(layer, rows)
+
+    def report_balancedness(self) -> None:
+        """Set moe_expert_balancedness_ratio of every layer that ran, from the window as it stands now
+        (`__call__` calls it as a step starts, every BALANCE_REPORT_S; the same thread: the window has no lock)."""
+        self._next_report = self.shard_rows.clock() + BALANCE_REPORT_S
+        labels = {"model": self.model, "replica": self.replica}
+        for layer, value in self.shard_rows.balancedness().items():
+            self.metrics.record(BALANCEDNESS, value, {**labels, "layer": str(layer)})
 
     def _route(self, layout: _Layout, assignments: Assignments) -> Tensor:
         """[A] the shard each assignment goes to now: its expert's only holder, or for a replicated expert the

@@ -318,14 +318,17 @@ def test_metrics_are_scraped_and_the_dashboard_shows_them():
     exprs = " ".join(
         t["expr"] for p in json.loads(dashboard["data"]["grafana-dashboard.json"])["panels"] for t in p["targets"]
     )
-    shown = [metrics.TTFT, metrics.ITL, metrics.E2E, metrics.DISPATCH]  # histograms: panels use _bucket
+    shown = [metrics.TTFT, metrics.ITL, metrics.E2E, metrics.DISPATCH, metrics.SHARD_CALL_ROWS]  # panels use _bucket
     counted = [metrics.GENERATED_TOKENS, metrics.WAITING, metrics.KV_USAGE, metrics.EXPERT_TOKENS]
     counted += [metrics.SHARD_RETRIES, metrics.SHARD_TIMEOUTS, metrics.SHARD_HEDGES, metrics.SHARD_FAILOVERS]
-    counted += [metrics.MIGRATIONS]
+    counted += [metrics.MIGRATIONS, metrics.SHARD_ROWS, metrics.BALANCEDNESS, metrics.REBALANCES]
     names = [m.name + "_bucket" for m in shown] + [m.name for m in counted] + ["moe_retrieval_seconds_bucket"]
+    # replicas per shard: Ray Serve's own gauges (the controller's), not ours
+    names += ["serve_deployment_replica_healthy", "serve_autoscaling_target_replicas"]
     for metric in names:
         assert f'"(ray_)?{metric}"' in exprs, f"no dashboard panel shows {metric}"
-    assert "sum by (expert)" in exprs and "by (le, shard)" in exprs
+    assert "sum by (expert)" in exprs and "by (le, shard)" in exprs and "min by (layer)" in exprs
+    assert 'deployment=~"ExpertShard-.*"' in exprs  # the shard deployments' names (deployments/app.py)
 
 
 # --- versions and images agree across Dockerfile, manifests, pyproject and docs ---

@@ -106,6 +106,21 @@ def test_metrics_reach_prometheus_and_expert_counts_add_up(serve_url, prometheus
         for histogram in histograms:
             count = wait_for(prometheus, f"sum({metric(histogram + '_count')})", lambda v: v > 0)
             assert count and count > 0, histogram
+        # The expert plane: every routed (token, expert) row was computed by exactly one shard, so the rows
+        # per shard add up to the same count (the counter: a histogram's _sum is Ray's estimate); balancedness
+        # is set for each of the 2 MoE layers by the one router; replicas per shard are Ray Serve's own gauge
+        # (the dashboard's PromQL).
+        rows = wait_for(prometheus, f"sum({metric('moe_shard_rows_total')})", lambda v: v >= want)
+        assert rows == want
+        # at least one call per step (the prefill and max_tokens - 1 decodes) and MoE layer, at most one per shard
+        calls = wait_for(prometheus, f"sum({metric('moe_shard_call_rows_count')})", lambda v: v >= max_tokens * 2)
+        assert calls is not None and max_tokens * 2 <= calls <= max_tokens * 2 * 2
+        layers = wait_for(prometheus, f"count({metric('moe_expert_balancedness_ratio')})", lambda v: v >= 2)
+        assert layers == 2
+        assert 0 < query(prometheus, f"min({metric('moe_expert_balancedness_ratio')})") <= 1
+        shards = f'application="{name}",deployment=~"ExpertShard-.*"'
+        healthy = f'{{__name__=~"(ray_)?serve_deployment_replica_healthy",{shards}}}'
+        assert wait_for(prometheus, f"sum({healthy})", lambda v: v >= 2) == 2
         # Each of the 2 shards says once which expert kernel it runs (the default, loop).
         kernels = wait_for(prometheus, f"sum({metric('moe_expert_kernel_info', kernel='loop')})", lambda v: v >= 2)
         assert kernels == 2
