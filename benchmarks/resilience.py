@@ -285,9 +285,10 @@ def rss_growth(values: list[int]) -> tuple[float, float]:
 
 
 @contextmanager
-def local_cluster(multinode: bool) -> Iterator[tuple[str, Callable[[], str] | None]]:
+def local_cluster(multinode: bool, metrics_port: int | None = None) -> Iterator[tuple[str, Callable[[], str] | None]]:
     """A Ray cluster on this machine with Serve's proxy on 127.0.0.1: one node, or (multinode) a head that
-    runs the Ingress and two worker nodes advertising WORKER, with a function that removes one of them."""
+    runs the Ingress and two worker nodes advertising WORKER, with a function that removes one of them.
+    metrics_port (one node only): Ray's metrics agent exports there, every second."""
     import ray
     from ray import serve
 
@@ -310,8 +311,13 @@ def local_cluster(multinode: bool) -> Iterator[tuple[str, Callable[[], str] | No
             return workers[0].node_id
 
     else:
+        metrics = (
+            {}
+            if metrics_port is None
+            else {"_metrics_export_port": metrics_port, "_system_config": {"metrics_report_interval_ms": 1000}}
+        )
         ray.init(address="local", num_cpus=16, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False,
-                 runtime_env=env)  # fmt: skip
+                 runtime_env=env, **metrics)  # fmt: skip
     port = free_port()
     try:
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})

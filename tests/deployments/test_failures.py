@@ -176,9 +176,10 @@ def test_killing_one_of_two_replicas_under_load_loses_no_request(redundant_app, 
     wait_replicas(name, deployment, 2)  # Serve restarts it; the next test starts whole
 
 
-@pytest.mark.parametrize("scenario", ["shard-replica", "router"])
+@pytest.mark.parametrize("scenario", ["router"])
 def test_the_shortest_resilience_scenarios_lose_no_request_under_locust(redundant_app, scenario, tmp_path):
-    """benchmarks/resilience.py's two shortest scenarios, shortened: locust, a kill, 0 failed."""
+    """benchmarks/resilience.py's router scenario, shortened: locust, a kill, 0 failed. (The shard replica's
+    kill under the same load is the test above; this one checks the benchmark's own path on the cluster.)"""
     url, name = redundant_app
     deployment = SCENARIOS[scenario].deployment
     result = run_scenario(url, name, SCENARIOS[scenario], tmp_path, users=4, duration_s=8, fault_at_s=3)

@@ -1,14 +1,21 @@
-"""Per-shard autoscaling (deployments/autoscaling.py): the policy and the rate it reads, without Ray; then
-a skewed demo on the session's cluster where the hot shard gains a replica under load, the cold one does
-not, the router's calls reach both replicas of the hot shard, and the hot shard scales back once idle."""
+"""The elastic expert plane on the session's cluster, one skewed demo app for both halves:
+- per-shard autoscaling (deployments/autoscaling.py): the policy and the rate it reads, without Ray; then the
+  hot shard gains a replica under load, the cold one does not, the router's calls reach both replicas of the
+  hot shard, and the hot shard scales back once idle;
+- online rebalancing (deployments/rebalancer.py): POST /v1/admin/rebalance under streaming load deploys a
+  plan with replicated experts as a rolling update; no client sees a failure or a changed token.
+The automatic trigger's decisions are tested without a cluster (test_rebalancer.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 from types import SimpleNamespace
 
 import httpx
+import pytest
 from ray import serve
 from ray.serve._private.common import ReplicaState
 
@@ -74,11 +81,22 @@ async def rows_by_replica(handle, calls: int = 8) -> dict[str, int]:
 USERS, PACE_S, TARGET = 4, 1.0, 70.0
 
 
-def test_the_hot_shard_scales_up_under_load_and_back_down_the_cold_one_stays(serve_url, tmp_path):
-    scaling = {"min_replicas": 1, "max_replicas": 2, "target_expert_rows_per_s": TARGET, "upscale_delay_s": 1,
-               "downscale_delay_s": 2, "look_back_period_s": 2, "metrics_interval_s": 0.5}  # fmt: skip
-    name = "autoscale"
-    url = deploy_app(serve_url, name, {**skewed_demo(tmp_path), "shard_autoscaling": scaling}, timeout_s=240)
+SCALING = {"min_replicas": 1, "max_replicas": 2, "target_expert_rows_per_s": TARGET, "upscale_delay_s": 1,
+           "downscale_delay_s": 2, "look_back_period_s": 2, "metrics_interval_s": 0.5}  # fmt: skip
+APP = "elastic"
+
+
+@pytest.fixture(scope="module")
+def skewed_app(serve_url, tmp_path_factory):
+    """The skewed demo on 2 shards, hot experts on shard 0, autoscaled shards; its URL."""
+    args = {**skewed_demo(tmp_path_factory.mktemp("elastic")), "shard_autoscaling": SCALING}
+    args["failover"] = {"router_drain_s": 3, "ingress_drain_s": 20}  # a rolling update here ends sooner
+    yield deploy_app(serve_url, APP, args, timeout_s=240)
+    serve.delete(APP)
+
+
+def test_the_hot_shard_scales_up_under_load_and_back_down_the_cold_one_stays(skewed_app):
+    url, name = skewed_app, APP
     words = CORPUS.read_text().split()  # text like what the gates' skew was fitted on
     cold_counts: list[int] = []
 
@@ -130,7 +148,80 @@ def test_the_hot_shard_scales_up_under_load_and_back_down_the_cold_one_stays(ser
         idle = await poll(lambda: running(name, "ExpertShard-0") == 1, timeout=60, interval=0.25)
         assert idle, "the hot shard kept 2 replicas after the load stopped"
 
+    asyncio.run(main())
+
+
+REBALANCE_PROMPTS = ["Experts live on", "The router sends each shard", "Hello there", "A sparse layer"]
+
+
+def stream_completion(url: str, prompt: str) -> tuple[int, str, str | None]:
+    """(status, text, finish_reason) of a streamed greedy completion: streamed, so a rolling update can land
+    in the middle of one."""
+    body = {"model": "demo", "prompt": prompt, "max_tokens": 16, "temperature": 0, "stream": True, "ignore_eos": True}
+    text, finish = [], None
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+        if r.status_code != 200:
+            return r.status_code, r.read().decode(), None
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                text.append(choice["text"])
+                finish = choice["finish_reason"] or finish
+    return 200, "".join(text), finish
+
+
+def expert_ids(shard: int) -> dict[int, list[int]]:
+    """{MoE layer: expert ids} a live replica of ExpertShard-<shard> holds."""
+    handle = serve.get_deployment_handle(f"ExpertShard-{shard}", APP)
+    return handle.info.remote().result(timeout_s=30)["expert_ids"]
+
+
+def wait_for(condition, timeout_s: float) -> bool:
+    """True as soon as condition() holds (checked twice a second: it calls the cluster); False at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.5)
+    return condition()
+
+
+def test_a_rebalance_under_streaming_load_loses_nothing_and_changes_no_token(skewed_app):
+    url = skewed_app
+    before = expert_ids(0)
+    seen: dict[str, list[tuple]] = {p: [] for p in REBALANCE_PROMPTS}
+    stop = threading.Event()
+
+    def client(prompt: str) -> None:
+        while not stop.is_set():
+            seen[prompt].append(stream_completion(url, prompt))
+
+    threads = [threading.Thread(target=client, args=(p,), daemon=True) for p in REBALANCE_PROMPTS]
+    for t in threads:
+        t.start()
     try:
-        asyncio.run(main())
+        # each prompt answered once on the placement served (its greedy reference), then the rebalance
+        assert wait_for(lambda: all(seen.values()), timeout_s=120), "no answer before the rebalance"
+        r = httpx.post(f"{url}/v1/admin/rebalance", json={"redundant": 2}, timeout=60)
+        assert r.status_code == 200, r.text
+        outcome = r.json()
+        assert outcome["applied"] and outcome["balancedness"] > outcome["current_balancedness"], outcome
+
+        def rebalanced() -> bool:
+            return serve.status().applications[APP].status == "RUNNING" and expert_ids(0) != before
+
+        assert wait_for(rebalanced, timeout_s=240), "the plan was not rolled out"
+        answered = sum(map(len, seen.values()))  # and the new version answers too
+        assert wait_for(lambda: sum(map(len, seen.values())) >= answered + len(REBALANCE_PROMPTS), timeout_s=120)
     finally:
-        serve.delete(name)
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    failed = [(p, got) for p, outs in seen.items() for got in outs if got[0] != 200 or got[2] != "length"]
+    assert failed == [], failed[:3]
+    changed = [(p, got[1], outs[0][1]) for p, outs in seen.items() for got in outs if got[1] != outs[0][1]]
+    assert changed == [], changed[:3]
+    planned = [[sorted(ids) for ids in shards] for shards in outcome["placement"]]
+    after = [expert_ids(0), expert_ids(1)]
+    assert [[after[s][layer] for s in (0, 1)] for layer in sorted(after[0])] == planned  # the plan, as served
+    assert any(set(a) & set(b) for a, b in planned), f"2 redundant slots and no expert replicated: {planned}"
