@@ -298,8 +298,9 @@ def local_cluster(multinode: bool, metrics_port: int | None = None) -> Iterator[
     if multinode:
         from ray.cluster_utils import Cluster
 
-        # Fast node-death detection (the default takes ~30 s): a removed node is declared dead in ~3 s.
-        system = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+        # Fast node-death detection (the default takes ~30 s): a removed node is declared dead in ~5 s. Not 3:
+        # on a busy 2-core machine the head's own raylet once missed 3 s of heartbeats and was declared dead.
+        system = {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}
         store = 256 * 2**20  # object store per node: calls are small, and three nodes share this machine
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "resources": {HEAD: 10},
                           "object_store_memory": store, "_system_config": system, "temp_dir": temp_dir})  # fmt: skip
