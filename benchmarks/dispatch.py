@@ -1,11 +1,13 @@
-"""The MoE layer's expert step: sharded (N ExpertShard replicas behind Serve handles) against fused
+"""The MoE layer's expert step: sharded (N ExpertShard replicas, over each shard transport) against fused
 (every expert in this process), side by side in one run.
 
     python -m benchmarks.dispatch [--models bench,demo] [--tokens 16,64,256] [--shards 2] [--repeats 15]
 
-For each token count the same gate output (random hidden states, the model's own gate rule) goes
-through both backends, alternating; the table shows medians, the ratio sharded/fused, and the
-overhead of one hop (a 1-row call through the handle minus the same call in process).
+The shards are deployed once with `transport: direct`, so they answer both Serve handle calls
+(`transport: handles`) and direct TCP calls (`transport: direct`). For each token count the same gate output
+(random hidden states, the model's own gate rule) goes through the fused backend and the sharded backend on
+each transport, alternating; the table shows medians, sharded/fused per transport, and each transport's
+overhead of one hop (a 1-row call to one shard through the transport minus the same call in process).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def deploy_shards(path: Path, placement: Placement, dtype: str):
     handles = []
     for i in range(placement.num_shards):
         app = ExpertShard.options(name=f"ExpertShard-{i}", ray_actor_options={"num_cpus": 0.5})
-        bound = app.bind(str(path), i, list(placement.experts_of(i)), {"dtype": dtype}, "cpu")
+        bound = app.bind(str(path), i, list(placement.experts_of(i)), {"dtype": dtype}, "cpu", transport="direct")
         handles.append(serve.run(bound, name=f"shard{i}", route_prefix=None))
     return handles
 
@@ -56,6 +58,7 @@ def measure(path: Path, name: str, args: argparse.Namespace, dtype: torch.dtype)
     """Hop overhead and sharded/fused times of one model's first MoE layer at each token count."""
     from ray import serve
 
+    from deployments.direct_transport import DirectTransport, serve_discovery
     from deployments.transport import HandleTransport
 
     cfg = ModelConfig.from_pretrained(path)
@@ -63,15 +66,21 @@ def measure(path: Path, name: str, args: argparse.Namespace, dtype: torch.dtype)
     fused = LocalExpertBackend(load_experts(Checkpoint(path, cfg.fp8_block), cfg, list(range(cfg.num_experts)), dtype))
     placement = Placement.contiguous(cfg.num_experts, args.shards)
     handles = deploy_shards(path, placement, args.dtype)
-    sharded = ShardedExpertBackend(placement, HandleTransport(handles))
+    transports = {"handles": HandleTransport(handles)}
+    transports["direct"] = DirectTransport(transports["handles"], serve_discovery(handles), len(handles))
+    while not all(transports["direct"].endpoints(s) for s in range(len(handles))):
+        time.sleep(0.1)  # its first discovery round
+    sharded = {name: ShardedExpertBackend(placement, t) for name, t in transports.items()}
 
-    # One hop: a 1-row call to shard 0 through its handle, minus the same call in process.
+    # One hop: a 1-row call to shard 0 through each transport, minus the same call in process.
     one = ShardCall(torch.randn(1, cfg.hidden_size, dtype=dtype), torch.zeros(1, dtype=torch.long),
                     torch.tensor([placement.experts_of(0)[0]]), torch.ones(1, dtype=dtype))  # fmt: skip
-    remote = timed(lambda: handles[0].run.remote(layer, one).result(), args.repeats)
-    local = timed(lambda: fused.layers[layer].forward(one.hidden, one.local_rows, one.experts, one.weights),
-                  args.repeats)  # fmt: skip
-    hop_ms = (statistics.median(remote) - statistics.median(local)) * 1e3
+    local = statistics.median(timed(lambda: fused.layers[layer].forward(one.hidden, one.local_rows, one.experts,
+                                                                        one.weights), args.repeats))  # fmt: skip
+    hop_ms = {}
+    for kind, t in transports.items():
+        remote = timed(lambda t=t: t.run(layer, {0: one}), args.repeats)
+        hop_ms[kind] = (statistics.median(remote) - local) * 1e3
 
     rows = []
     for tokens in [int(t) for t in args.tokens.split(",")]:
@@ -79,16 +88,24 @@ def measure(path: Path, name: str, args: argparse.Namespace, dtype: torch.dtype)
         hidden = torch.randn(tokens, cfg.hidden_size, generator=gen).to(dtype)
         weights, ids = top_k_gate(torch.randn(tokens, cfg.num_experts, generator=gen), cfg.gate)
         step = (layer, hidden, weights.to(dtype), ids)
-        torch.testing.assert_close(sharded(*step), fused(*step), rtol=2e-2, atol=2e-2)
-        fused_s, sharded_s = [], []
-        for _ in range(args.repeats):  # alternate: both see the same machine noise
-            fused_s += timed(lambda: fused(*step), 1)  # noqa: B023 (called at once, inside the loop)
-            sharded_s += timed(lambda: sharded(*step), 1)  # noqa: B023
-        f_ms, s_ms = statistics.median(fused_s) * 1e3, statistics.median(sharded_s) * 1e3
-        rows.append(dict(model=name, tokens=tokens, shards=args.shards, fused_ms=round(f_ms, 2),
-                         sharded_ms=round(s_ms, 2), ratio=round(s_ms / f_ms, 2), hop_ms=round(hop_ms, 2)))  # fmt: skip
-        print(f"{name:>6} T={tokens:<4} fused {f_ms:8.2f} ms  sharded {s_ms:8.2f} ms  "
-              f"x{s_ms / f_ms:.2f}  hop {hop_ms:.2f} ms", flush=True)  # fmt: skip
+        for backend in sharded.values():
+            torch.testing.assert_close(backend(*step), fused(*step), rtol=2e-2, atol=2e-2)
+        times: dict[str, list[float]] = {"fused": [], **{kind: [] for kind in sharded}}
+        for _ in range(args.repeats):  # alternate: all see the same machine noise
+            times["fused"] += timed(lambda: fused(*step), 1)  # noqa: B023 (called at once, inside the loop)
+            for kind, backend in sharded.items():
+                times[kind] += timed(lambda b=backend: b(*step), 1)  # noqa: B023
+        ms = {kind: statistics.median(v) * 1e3 for kind, v in times.items()}
+        rows.append(dict(model=name, tokens=tokens, shards=args.shards, fused_ms=round(ms["fused"], 2),
+                         handles_ms=round(ms["handles"], 2), direct_ms=round(ms["direct"], 2),
+                         handles_ratio=round(ms["handles"] / ms["fused"], 2),
+                         direct_ratio=round(ms["direct"] / ms["fused"], 2),
+                         hop_handles_ms=round(hop_ms["handles"], 2),
+                         hop_direct_ms=round(hop_ms["direct"], 2)))  # fmt: skip
+        print(f"{name:>6} T={tokens:<4} fused {ms['fused']:8.2f} ms  handles {ms['handles']:8.2f} ms  "
+              f"direct {ms['direct']:8.2f} ms  hop {hop_ms['handles']:.2f} / {hop_ms['direct']:.2f} ms",
+              flush=True)  # fmt: skip
+    transports["direct"].close()
     for i in range(placement.num_shards):
         serve.delete(f"shard{i}")
     return rows
@@ -119,9 +136,11 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
 
-    meta = machine_meta(dtype=args.dtype, repeats=args.repeats, transport="serve-handle")
+    meta = machine_meta(dtype=args.dtype, repeats=args.repeats, transports="handles,direct")
     columns = {"model": "model", "tokens/step": "tokens", "shards": "shards", "fused ms": "fused_ms",
-               "sharded ms": "sharded_ms", "sharded / fused": "ratio", "hop overhead ms": "hop_ms"}  # fmt: skip
+               "handles ms": "handles_ms", "direct ms": "direct_ms", "handles / fused": "handles_ratio",
+               "direct / fused": "direct_ratio", "hop handles ms": "hop_handles_ms",
+               "hop direct ms": "hop_direct_ms"}  # fmt: skip
     write_report(args.out, "dispatch", meta, rows, columns)
 
 

@@ -1,5 +1,6 @@
-"""Engines under the same load: native with 2 expert shards, native with experts in process (each with
-the loop expert kernel and with vLLM's fused MoE op, `expert_kernel: vllm`), and vLLM.
+"""Engines under the same load: native with 2 expert shards (over the direct transport, and over Serve
+handles), native with experts in process (each with the loop expert kernel and with vLLM's fused MoE op,
+`expert_kernel: vllm`), and vLLM.
 
     python -m benchmarks.engines [--models demo,bench] [--concurrency 1,8,32] [--duration 30] [--out DIR]
     python -m benchmarks.engines --models bench --concurrency 32 --engines "native, in process, fused; vllm"
@@ -33,7 +34,9 @@ SHARDED = {"shards": 2, "router_resources": {"num_cpus": 2}, "shard_resources": 
 IN_PROCESS = {"shards": 0, "router_resources": {"num_cpus": 2}}
 ENGINES = {  # name -> (app args that differ, engine_config fields that differ); threads: 2 for dense
     # compute, 1 per shard (2 run at once); "fused" is engine_config.expert_kernel: vllm (vLLM's MoE op)
-    "native, 2 shards": (SHARDED, {}),
+    "native, 2 shards": (SHARDED, {}),  # transport: direct, the default
+    "native, 2 shards, handles": ({**SHARDED, "transport": "handles"}, {}),
+    "native, 2 shards, overlap": (SHARDED, {"overlap_min_tokens": 4}),  # two micro-batches from 4 tokens a step
     "native, in process": (IN_PROCESS, {}),
     "native, 2 shards, fused": (SHARDED, {"expert_kernel": "vllm"}),
     "native, in process, fused": (IN_PROCESS, {"expert_kernel": "vllm"}),

@@ -121,6 +121,7 @@ def _native_engine(cfg: AppConfig, config: dict) -> EngineFactory:
             cfg.accelerator,
             model_name=cfg.model_name,
             router_wait_s=cfg.failover.router_wait_s,
+            transport=cfg.transport,
         )
         for i in range(placement.num_shards if placement else 0)
     ]

@@ -18,7 +18,7 @@ from serving.vllm_engine import VLLMOptions
 # Fields that only the native engine reads (expert shards); with engine: vllm setting one is an error.
 NATIVE_ONLY = (
     "shards", "shard_replicas", "shard_autoscaling", "placement", "explicit_placement", "placement_file",
-    "shard_resources", "rebalance",
+    "shard_resources", "rebalance", "transport",
 )  # fmt: skip
 
 
@@ -324,8 +324,8 @@ class AppConfig(BaseModel):
         default_factory=EngineConfig,
         description="Engine limits and dtype. With engine: vllm, dtype, kv_cache_mb, max_model_len, max_running "
         "and max_batched_tokens map to vLLM's dtype, KV cache bytes, max_model_len, max_num_seqs and "
-        "max_num_batched_tokens; block_size, max_waiting, expert_kernel and expert_load_window_s are the native "
-        "engine's own.",
+        "max_num_batched_tokens; block_size, max_waiting, expert_kernel, overlap_min_tokens and expert_load_window_s "
+        "are the native engine's own.",
     )
     vllm: VLLMOptions = Field(
         default_factory=VLLMOptions, description="vLLM's own options (parallelism, eager mode); engine: vllm only."
@@ -360,6 +360,12 @@ class AppConfig(BaseModel):
         None,
         description="With placement: file, a JSON file with a per-layer placement under `placement`, as "
         "`moe-serve rebalance --json` writes it (docs/placement.md).",
+    )
+    transport: Literal["handles", "direct"] = Field(
+        "direct",
+        description="How a router calls the shards: handles, through Serve DeploymentHandles (~8 ms a hop here); "
+        "direct, over a TCP stream to each shard replica's own port (~0.1 ms), Serve handles only where no "
+        "replica's port is known yet (docs/architecture.md, 'Shard transports').",
     )
     routers: int = Field(
         1, ge=1, description="Router replicas (dense layers, gate, KV cache; they share the shards), or vLLM replicas."

@@ -20,6 +20,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.config import AppConfig
+from deployments.direct_transport import DirectTransport, serve_discovery
 from deployments.metrics import RaySink
 from deployments.transport import HandleTransport
 from router.placement import LayeredPlacement
@@ -81,10 +82,12 @@ class NativeEngineFactory:
             experts = LocalExpertBackend(layers)
         else:  # the shards run the experts (and record their kernel)
             failover = cfg.failover
-            transport = HandleTransport(
-                self.shards, sink, name, failover.shard_call_timeout_s, failover.shard_hedge_after_s,
-                self.shard_versions(),
-            )  # fmt: skip
+            timeouts = failover.shard_call_timeout_s, failover.shard_hedge_after_s
+            transport = HandleTransport(self.shards, sink, name, *timeouts, self.shard_versions())
+            if cfg.transport == "direct":  # the handles stay, for shards whose replicas' ports are not known yet
+                discover = serve_discovery(self.shards)
+                transport = DirectTransport(transport, discover, len(self.shards), sink, name, *timeouts,
+                                            self.shard_versions())  # fmt: skip
             policy = RetryPolicy(wait_s=failover.shard_wait_s)
             per_layer = dict(zip(model.config.moe_layer_ids, self.placement.layers, strict=True))
             rows = ShardRowsWindow(self.placement.num_shards, cfg.engine_config.expert_load_window_s)

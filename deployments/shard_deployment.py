@@ -20,6 +20,7 @@ import logging
 import time
 from pathlib import Path
 
+import ray
 import torch
 from ray import serve
 from torch import Tensor
@@ -31,6 +32,7 @@ from serving.engine_client import EngineConfig
 from serving.errors import StalePlacementError
 from serving.experts.kernels import kernel_of
 from serving.experts.loading import load_experts
+from serving.experts.shard_server import ShardServer
 from serving.experts.sharded import ShardCall, run_shard_call, shard_version
 from serving.metrics import EXPERT_KERNEL
 from serving.model.checkpoint import Checkpoint
@@ -52,10 +54,13 @@ class ExpertShard:
         accelerator: str,
         model_name: str | None = None,
         router_wait_s: float | None = None,
+        transport: str = "handles",
     ):
         """expert_ids: the experts it holds in every MoE layer, or one list per MoE layer in model order.
         router_wait_s: how long to wait for a router of this version before reporting ready (the app sets
-        failover.router_wait_s); None: ready at once (shards deployed on their own, as in benchmarks)."""
+        failover.router_wait_s); None: ready at once (shards deployed on their own, as in benchmarks).
+        transport: "direct" also answers calls on a TCP port of this node (ShardServer; the routers learn it
+        from `direct_endpoint`); "handles": Serve handle calls only."""
         cfg = ModelConfig.from_pretrained(model_path)
         per_layer = (
             expert_ids if expert_ids and isinstance(expert_ids[0], list) else [expert_ids] * len(cfg.moe_layer_ids)
@@ -79,6 +84,8 @@ class ExpertShard:
         self.kernel = kernel_of(self.layers)  # resolved here, where it runs: "auto" becomes loop or vllm
         labels = {"model": model_name or Path(model_path).name, "kernel": self.kernel}
         RaySink().record(EXPERT_KERNEL, 1, labels)
+        # Started before the wait below: a new router of this version may call as soon as it learns the port.
+        self.server = ShardServer(self.run, ray.util.get_node_ip_address()) if transport == "direct" else None
         if router_wait_s is not None:
             await self._wait_for_a_router_of_this_version(router_wait_s)
 
@@ -117,6 +124,18 @@ class ExpertShard:
         """Serve's custom autoscaling metric, asked for every look_back_period_s / 5: expert rows computed per
         second since it last asked. Only deployments with an autoscaling_config ask."""
         return {EXPERT_ROWS_PER_S: self.rows.rate()}
+
+    def direct_endpoint(self) -> dict:
+        """Where this replica answers direct calls (deployments/direct_transport.py, Endpoint)."""
+        if self.server is None:
+            raise RuntimeError(f"ExpertShard-{self.shard_id} was deployed with transport: handles")
+        return {"replica": self.replica, "host": self.server.host, "port": self.server.port, "version": self.version}
+
+    def __del__(self) -> None:
+        # Serve calls this when it stops the replica: routers' streams end, and their calls fail over at once.
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.close()
 
     def ping(self) -> bool:
         """A replica is up (the transport's probe of a shard that failed)."""

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from serving.errors import StalePlacementError
 from serving.experts.sharded import ShardCall, ShardFailure
-from serving.metrics import DISPATCH, SHARD_HEDGES, SHARD_TIMEOUTS, MetricsSink, NullSink
+from serving.metrics import DISPATCH, SHARD_CALLS, SHARD_HEDGES, SHARD_TIMEOUTS, MetricsSink, NullSink
 
 
 @dataclass
@@ -42,6 +42,28 @@ class _Call:
     sent_at: float
     refs: list = field(default_factory=list)
     hedged: bool = False
+
+
+def next_deadline(open_calls: dict, results: dict, call_timeout_s: float, hedge_after_s: float | None) -> float:
+    """The earliest moment a still-open call (one with `sent_at` and `hedged`, by shard) needs a hedge or
+    times out; both transports wait until then."""
+    times = []
+    for shard, c in open_calls.items():
+        if shard in results:
+            continue
+        times.append(c.sent_at + call_timeout_s)
+        if hedge_after_s is not None and not c.hedged:
+            times.append(c.sent_at + hedge_after_s)
+    return min(times)
+
+
+def overdue(c, now: float, call_timeout_s: float, hedge_after_s: float | None) -> str | None:
+    """What an open call is due at `now`: "timeout" past call_timeout_s, "hedge" past hedge_after_s (once)."""
+    if now >= c.sent_at + call_timeout_s:
+        return "timeout"
+    if hedge_after_s is not None and not c.hedged and now >= c.sent_at + hedge_after_s:
+        return "hedge"
+    return None
 
 
 class HandleTransport:
@@ -79,6 +101,7 @@ class HandleTransport:
 
     def _send(self, shard: int, layer: int, call: ShardCall):
         version = None if self.versions is None else self.versions[shard]
+        self.metrics.record(SHARD_CALLS, 1, {"model": self.model, "shard": str(shard), "transport": "handles"})
         return self.handles[shard].run.remote(layer, call, version)
 
     def probe(self, shard: int, timeout_s: float) -> bool:
@@ -130,15 +153,7 @@ class HandleTransport:
         self.metrics.record(DISPATCH, time.perf_counter() - c.sent_at, {"model": self.model, "shard": str(c.shard)})
 
     def _next_deadline(self, open_calls: dict[int, _Call], results: dict) -> float:
-        """The earliest moment a still-open call needs a hedge or times out."""
-        times = []
-        for shard, c in open_calls.items():
-            if shard in results:
-                continue
-            times.append(c.sent_at + self.call_timeout_s)
-            if self.hedge_after_s is not None and not c.hedged:
-                times.append(c.sent_at + self.hedge_after_s)
-        return min(times)
+        return next_deadline(open_calls, results, self.call_timeout_s, self.hedge_after_s)
 
     def _hedge_or_expire(self, layer: int, open_calls: dict[int, _Call], owner: dict, results: dict) -> None:
         now = time.perf_counter()
@@ -146,13 +161,14 @@ class HandleTransport:
             if shard in results:
                 continue
             labels = {"model": self.model, "shard": str(shard)}
-            if now >= c.sent_at + self.call_timeout_s:
+            due = overdue(c, now, self.call_timeout_s, self.hedge_after_s)
+            if due == "timeout":
                 self.metrics.record(SHARD_TIMEOUTS, 1, labels)
                 for ref in c.refs:
                     owner.pop(ref, None)
                 c.refs.clear()
                 results[shard] = ShardFailure("timeout", f"no answer in {self.call_timeout_s:g} s")
-            elif self.hedge_after_s is not None and not c.hedged and now >= c.sent_at + self.hedge_after_s:
+            elif due == "hedge":
                 c.hedged = True
                 self.metrics.record(SHARD_HEDGES, 1, labels)
                 self._track(c, self._send(shard, layer, c.call), owner, results)

@@ -121,6 +121,13 @@ class EngineConfig(BaseModel):
         "vLLM's fused MoE op (needs vLLM installed); auto takes vllm where it is installed and supports the "
         "dtype, else loop.",
     )
+    overlap_min_tokens: int | None = Field(
+        None,
+        ge=2,
+        description="Native engine: split a step of at least this many tokens (and two or more sequences) into "
+        "two micro-batches kept in flight together, so the router runs one's attention while the shards compute "
+        "the other's experts (benchmarks/README.md measures when it pays); null: never split.",
+    )
     expert_load_window_s: float = Field(
         60.0,
         ge=1,

@@ -86,6 +86,9 @@ BALANCEDNESS = Metric("moe_expert_balancedness_ratio", "gauge", "Mean shard rows
                       labels=("model", "replica", "layer"))  # fmt: skip
 SHARD_RETRIES = Metric("moe_shard_retries_total", "counter", "Shard calls sent again after an attempt failed "
                        "(replica died or unreachable, or timed out).", labels=("model", "shard"))  # fmt: skip
+SHARD_CALLS = Metric("moe_shard_calls_total", "counter", "Shard call attempts sent, by transport: direct (a TCP "
+                     "stream to a replica) or handles (a Serve handle: transport: handles, or a shard whose replicas' "
+                     "ports are not known yet).", labels=("model", "shard", "transport"))  # fmt: skip
 SHARD_TIMEOUTS = Metric("moe_shard_timeouts_total", "counter", "Shard call attempts that passed "
                         "shard_call_timeout_s.", labels=("model", "shard"))  # fmt: skip
 SHARD_HEDGES = Metric("moe_shard_hedges_total", "counter", "Second attempts sent because a shard call was slow "
@@ -108,7 +111,7 @@ RETRIEVAL_ERRORS = Metric("moe_retrieval_errors_total", "counter", "Searches tha
 
 ALL = (TTFT, ITL, E2E, QUEUE, PROMPT_TOKENS, GENERATED_TOKENS, RUNNING, WAITING, KV_USAGE, STEP, BATCH,
        EXPERT_TOKENS, EXPERT_KERNEL, DISPATCH, SHARD_CALL_ROWS, SHARD_ROWS, BALANCEDNESS, SHARD_RETRIES,
-       SHARD_TIMEOUTS, SHARD_HEDGES, SHARD_FAILOVERS, MIGRATIONS, REBALANCES, HTTP_REQUESTS, RETRIEVAL,
+       SHARD_CALLS, SHARD_TIMEOUTS, SHARD_HEDGES, SHARD_FAILOVERS, MIGRATIONS, REBALANCES, HTTP_REQUESTS, RETRIEVAL,
        RETRIEVAL_ERRORS)  # fmt: skip
 
 

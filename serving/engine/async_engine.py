@@ -92,6 +92,7 @@ class AsyncEngine:
         """Stop the engine thread after its current step; waiting streams get an error."""
         self._commands.put(None)
         self._thread.join(timeout)
+        self.engine.runner.close()
 
     @property
     def alive(self) -> bool:

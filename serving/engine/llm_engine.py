@@ -98,7 +98,7 @@ class LLMEngine:
         self.expert_load = ExpertLoadWindow(
             model.config.moe_layer_ids, model.config.num_experts, config.expert_load_window_s
         )
-        self.runner = ModelRunner(model, self.routing, self.cache, self.allocator)
+        self.runner = ModelRunner(model, self.routing, self.cache, self.allocator, config.overlap_min_tokens)
         self.eos_ids = frozenset(tokenizer.eos_token_ids if tokenizer else model.config.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}
         self._stops: dict[str, StopChecker] = {}

@@ -20,6 +20,7 @@ from serving.engine.scheduler import ScheduledChunk
 from serving.engine.sequence import Sequence
 from serving.engine_client import TokenLogprobs
 from serving.experts.backend import ExpertBackend
+from serving.experts.pipeline import ExpertPipeline
 from serving.model.attention import AttentionMetadata, SequenceChunk
 from serving.model.decoder import MoEForCausalLM
 
@@ -33,8 +34,23 @@ class StepLogits:
 
 
 class ModelRunner:
-    def __init__(self, model: MoEForCausalLM, experts: ExpertBackend, cache: KVCache, allocator: BlockAllocator):
+    def __init__(
+        self,
+        model: MoEForCausalLM,
+        experts: ExpertBackend,
+        cache: KVCache,
+        allocator: BlockAllocator,
+        overlap_min_tokens: int | None = None,
+    ):
+        """overlap_min_tokens: a step of at least this many tokens and two or more sequences runs as two
+        micro-batches in flight together (MoEForCausalLM.forward_overlapped); None: never."""
         self.model, self.experts, self.cache, self.allocator = model, experts, cache, allocator
+        self.overlap_min_tokens = overlap_min_tokens
+        self.pipeline = ExpertPipeline(experts) if overlap_min_tokens is not None else None
+
+    def close(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.close()
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> StepLogits:
@@ -57,8 +73,18 @@ class ModelRunner:
         device = self.model.device
         # Host -> device: the step's token ids, the metadata (built on the host from block tables) and the
         # rows to sample and score; small, and copied once per step.
-        meta = AttentionMetadata.build(seq_chunks, self.allocator.block_size, device)
-        hidden = self.model(torch.tensor(input_ids, device=device), meta, self.cache.layers, self.experts)  # [T, D]
+        ids = torch.tensor(input_ids, device=device)  # [T]
+        split = self._split(seq_chunks)
+        if split is None:
+            meta = AttentionMetadata.build(seq_chunks, self.allocator.block_size, device)
+            hidden = self.model(ids, meta, self.cache.layers, self.experts)  # [T, D]
+        else:  # two micro-batches: sequences [0, split) and [split, B), their tokens contiguous in `ids`
+            rows = sum(c.num_new for c in seq_chunks[:split])
+            parts = [
+                (ids[:rows], AttentionMetadata.build(seq_chunks[:split], self.allocator.block_size, device)),
+                (ids[rows:], AttentionMetadata.build(seq_chunks[split:], self.allocator.block_size, device)),
+            ]
+            hidden = torch.cat(self.model.forward_overlapped(parts, self.cache.layers, self.pipeline))  # [T, D]
         out = StepLogits()
         if samplers:
             logits = self.model.logits(hidden[torch.tensor(sample_rows, device=device)])  # [N, V]
@@ -75,6 +101,18 @@ class ModelRunner:
                 want = seq.params.prompt_logprobs
                 out.prompt_logprobs[seq] = [_keep_top(next(entries), want) for _ in range(n)]
         return out
+
+    def _split(self, chunks: list[SequenceChunk]) -> int | None:
+        """Where to cut the step's sequences into two micro-batches of about equal tokens; None: do not."""
+        total = sum(c.num_new for c in chunks)
+        if self.pipeline is None or len(chunks) < 2 or total < self.overlap_min_tokens:
+            return None
+        seen = 0
+        for i, c in enumerate(chunks[:-1]):
+            seen += c.num_new
+            if 2 * seen >= total:
+                return i + 1
+        return len(chunks) - 1
 
 
 def _keep_top(entry: TokenLogprobs, top_n: int) -> TokenLogprobs:

@@ -18,12 +18,13 @@ from serving.engine_client import ExpertKernel
 from serving.experts.backend import ExpertBackend
 from serving.experts.loading import load_experts
 from serving.experts.local import LocalExpertBackend
+from serving.experts.pipeline import ExpertPipeline
 from serving.model.attention import AttentionMetadata, GQAttention
 from serving.model.checkpoint import Checkpoint
 from serving.model.config import ModelConfig
 from serving.model.layers import GatedMLP, RMSNorm
 from serving.model.mla import MLAttention
-from serving.model.moe import MoEBlock
+from serving.model.moe import MoEBlock, PendingMoE
 from serving.model.rope import RotaryEmbedding, softmax_scale
 
 
@@ -54,6 +55,20 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), meta, cache, rope)  # [T, D]
         h = self.post_attention_layernorm(x)
         return x + (self.mlp(h, experts) if self.sparse else self.mlp(h))  # [T, D]
+
+    def start(
+        self, x: Tensor, meta: AttentionMetadata, cache: list[Tensor], rope: RotaryEmbedding, pipeline: ExpertPipeline
+    ) -> tuple[Tensor, PendingMoE | None]:
+        """forward up to the routed experts, which are submitted to `pipeline`: (x after attention, pending).
+        A dense layer has nothing to wait for: its output, None."""
+        x = x + self.self_attn(self.input_layernorm(x), meta, cache, rope)  # [T, D]
+        h = self.post_attention_layernorm(x)
+        if not self.sparse:
+            return x + self.mlp(h), None
+        return x, self.mlp.submit(h, pipeline)
+
+    def finish(self, x: Tensor, pending: PendingMoE | None) -> Tensor:
+        return x if pending is None else x + self.mlp.finish(pending)
 
 
 class DecoderStack(nn.Module):
@@ -91,6 +106,33 @@ class MoEForCausalLM(nn.Module):
         for layer, cache in zip(self.model.layers, caches, strict=True):
             x = layer(x, meta, cache, self.rotary, experts)
         return self.model.norm(x)
+
+    def forward_overlapped(
+        self, parts: list[tuple[Tensor, AttentionMetadata]], caches: list[list[Tensor]], pipeline: ExpertPipeline
+    ) -> list[Tensor]:
+        """forward for two micro-batches (input_ids [T_a], its metadata), kept in flight together: each one's
+        routed experts run in `pipeline` while this thread runs the other's attention. Per layer:
+
+            start A_l   (attention of A; its experts submitted: the shards compute them ...)
+            finish B_l-1 (... while B's shared expert runs; then B's experts of the layer before are awaited)
+            start B_l   (attention of B, while the shards compute A_l)
+            finish A_l  (A's experts awaited, while the shards compute B_l)
+
+        Each micro-batch sees exactly the operations forward would run on it; returns final hidden states
+        [T_a, D], [T_b, D]."""
+        (ids_a, meta_a), (ids_b, meta_b) = parts
+        a, b = self.model.embed_tokens(ids_a), self.model.embed_tokens(ids_b)  # [T_a, D], [T_b, D]
+        b_open: tuple[DecoderLayer, Tensor, PendingMoE | None] | None = None
+        for layer, cache in zip(self.model.layers, caches, strict=True):
+            a_x, a_pending = layer.start(a, meta_a, cache, self.rotary, pipeline)
+            if b_open is not None:
+                b = b_open[0].finish(b_open[1], b_open[2])
+            b_x, b_pending = layer.start(b, meta_b, cache, self.rotary, pipeline)
+            a = layer.finish(a_x, a_pending)
+            b_open = (layer, b_x, b_pending)
+        if b_open is not None:
+            b = b_open[0].finish(b_open[1], b_open[2])
+        return [self.model.norm(a), self.model.norm(b)]
 
     @property
     def device(self) -> torch.device:

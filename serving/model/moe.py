@@ -9,12 +9,16 @@ pure gate from router/, and hands rows to the backend, which may hold the expert
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from router.gate import top_k_gate
 from serving.experts.backend import ExpertBackend
+from serving.experts.pipeline import ExpertPipeline
 from serving.model.config import ModelConfig
 from serving.model.layers import GatedMLP
 
@@ -55,9 +59,33 @@ class MoEBlock(nn.Module):
     def forward(self, x: Tensor, experts: ExpertBackend) -> Tensor:
         weights, ids = self.route(x)  # [T, K], [T, K]
         out = experts(self.layer_id, x, weights.to(x.dtype), ids)  # [T, D]
-        if self.shared_expert is not None:
-            shared = self.shared_expert(x)  # [T, D]
-            if self.shared_expert_gate is not None:  # Qwen2-MoE: a learned sigmoid gate per token
-                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-            out = out + shared
-        return out
+        shared = self._shared(x)
+        return out if shared is None else out + shared
+
+    def submit(self, x: Tensor, pipeline: ExpertPipeline) -> PendingMoE:
+        """The first half of forward with the routed experts sent off (forward_overlapped): route, submit."""
+        weights, ids = self.route(x)  # [T, K], [T, K]
+        return PendingMoE(x, pipeline.submit(self.layer_id, x, weights.to(x.dtype), ids))
+
+    def finish(self, pending: PendingMoE) -> Tensor:
+        """The second half: the shared expert while the routed ones may still run, then their sum. The same
+        operations in the same order as forward, so the result is the same to the bit."""
+        shared = self._shared(pending.x)
+        out = pending.routed.result()  # [T, D]
+        return out if shared is None else out + shared
+
+    def _shared(self, x: Tensor) -> Tensor | None:
+        if self.shared_expert is None:
+            return None
+        shared = self.shared_expert(x)  # [T, D]
+        if self.shared_expert_gate is not None:  # Qwen2-MoE: a learned sigmoid gate per token
+            shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+        return shared
+
+
+@dataclass(frozen=True)
+class PendingMoE:
+    """An MoE block whose routed experts were submitted: its input rows and the experts' future output."""
+
+    x: Tensor  # [T, D]
+    routed: Future  # of [T, D]

@@ -103,9 +103,18 @@ def test_retrieval_paths_are_made_absolute_for_replicas_elsewhere(tmp_path, monk
         AppConfig.model_validate({"model": "x", "retrieval": {"chunk_tokens": 64, "overlap_tokens": 64}})
 
 
+def test_the_shard_transport_is_direct_unless_handles_are_asked_for():
+    assert AppConfig.model_validate({"model": "x"}).transport == "direct"
+    assert AppConfig.model_validate({"model": "x", "transport": "handles"}).transport == "handles"
+    with pytest.raises(ValidationError, match="'handles' or 'direct'"):
+        AppConfig.model_validate({"model": "x", "transport": "nccl"})
+
+
 def test_engine_vllm_refuses_the_native_engines_shard_fields():
     with pytest.raises(ValidationError, match=r"shards, shard_resources: expert shards are the native engine's"):
         AppConfig.model_validate({"model": "x", "engine": "vllm", "shards": 4, "shard_resources": {"num_cpus": 1}})
+    with pytest.raises(ValidationError, match=r"transport: expert shards are the native engine's"):
+        AppConfig.model_validate({"model": "x", "engine": "vllm", "transport": "handles"})
     with pytest.raises(ValidationError, match="vllm: options for engine: vllm only"):
         AppConfig.model_validate({"model": "x", "vllm": {"enforce_eager": True}})
     with pytest.raises(ValidationError, match="tensor_parallel"):

@@ -321,7 +321,7 @@ def test_metrics_are_scraped_and_the_dashboard_shows_them():
     shown = [metrics.TTFT, metrics.ITL, metrics.E2E, metrics.DISPATCH, metrics.SHARD_CALL_ROWS]  # panels use _bucket
     counted = [metrics.GENERATED_TOKENS, metrics.WAITING, metrics.KV_USAGE, metrics.EXPERT_TOKENS]
     counted += [metrics.SHARD_RETRIES, metrics.SHARD_TIMEOUTS, metrics.SHARD_HEDGES, metrics.SHARD_FAILOVERS]
-    counted += [metrics.MIGRATIONS, metrics.SHARD_ROWS, metrics.BALANCEDNESS, metrics.REBALANCES]
+    counted += [metrics.MIGRATIONS, metrics.SHARD_ROWS, metrics.BALANCEDNESS, metrics.REBALANCES, metrics.SHARD_CALLS]
     names = [m.name + "_bucket" for m in shown] + [m.name for m in counted] + ["moe_retrieval_seconds_bucket"]
     # replicas per shard: Ray Serve's own gauges (the controller's), not ours
     names += ["serve_deployment_replica_healthy", "serve_autoscaling_target_replicas"]

@@ -115,6 +115,11 @@ def test_metrics_reach_prometheus_and_expert_counts_add_up(serve_url, prometheus
         # at least one call per step (the prefill and max_tokens - 1 decodes) and MoE layer, at most one per shard
         calls = wait_for(prometheus, f"sum({metric('moe_shard_call_rows_count')})", lambda v: v >= max_tokens * 2)
         assert calls is not None and max_tokens * 2 <= calls <= max_tokens * 2 * 2
+        # Each call went over one transport: direct (the default) once the router knew the shards' ports,
+        # handles before that (the router's first second); every attempt is counted, none was retried here.
+        sent = wait_for(prometheus, f"sum({metric('moe_shard_calls_total')})", lambda v: v >= calls)
+        assert sent == calls
+        assert query(prometheus, f"sum({metric('moe_shard_calls_total', transport='direct')})") >= calls / 2
         layers = wait_for(prometheus, f"count({metric('moe_expert_balancedness_ratio')})", lambda v: v >= 2)
         assert layers == 2
         assert 0 < query(prometheus, f"min({metric('moe_expert_balancedness_ratio')})") <= 1
