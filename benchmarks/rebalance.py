@@ -4,7 +4,9 @@
     python -m benchmarks.rebalance [--skew zipf:1.4] [--users 8] [--before 40] [--after 40] [--redundant 2]
                                    [--out benchmarks/results]
 
-The app: the Mixtral demo with `make-demo --router-skew` gates, 2 shards on contiguous placement, 1 router.
+The app: the Mixtral demo with `make-demo --router-skew` gates (`--model bench`: the bench config, experts of
+2048 x 1408 in bf16, with a skew fitted to its gates, each layer's 32 hottest experts on shard 0), 2 shards on
+contiguous placement (the demo), 1 router.
 Phases: `before` (from 10 s after the load starts to the rebalance), `during` (the rebalance call to the app
 RUNNING again on the new version), `after` (from 5 s after that to the end). Per phase:
 - balancedness as the traffic measured it: mean / max of the rows each shard computed
@@ -39,6 +41,7 @@ from loadtests.runner import LoadTest, read_records, run_loadtest
 from loadtests.workload import Workload
 from serving.demo import make_demo
 from serving.rebalancing import post_rebalance
+from serving.router_skew import rank_orders
 
 APP = "rebalance"
 _SAMPLE = re.compile(r"^(ray_)?(?P<name>moe_\w+)\{(?P<labels>[^}]*)\} (?P<value>\S+)$")
@@ -118,7 +121,11 @@ def tokens_between(records, t0: float, t1: float) -> tuple[float, float | None, 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--skew", default="zipf:1.4", help="make-demo --router-skew (default: zipf:1.4)")
+    parser.add_argument("--skew", default=None, help="make-demo --router-skew (default: zipf:1.4 on the demo, "
+                        "zipf:0.8 on bench: with top-6 of 64 experts one takes at most 1/6 of the rows)")  # fmt: skip
+    parser.add_argument("--model", default="demo", choices=("demo", "bench"),
+                        help="demo: the Mixtral demo; bench: the bench config (experts 2048 x 1408, bf16), the same "
+                        "skew fitted to its gates (default: demo)")  # fmt: skip
     parser.add_argument("--users", type=int, default=8, help="locust users (default: 8)")
     parser.add_argument("--before", type=float, default=40.0, help="seconds of load before the rebalance")
     parser.add_argument("--after", type=float, default=40.0, help="seconds of load once the new version runs")
@@ -126,9 +133,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="benchmarks/results", help="folder for rebalance.json")
     args = parser.parse_args(argv)
     folder = Path(tempfile.mkdtemp(prefix="rebalance-"))
-    demo = make_demo(folder / "demo", "mixtral", progress=False, router_skew=args.skew)
-    app = {"model": str(demo), "served_model_name": "demo", "shards": 2, "engine_config": {"expert_load_window_s": 30},
-           "rebalance": {"redundant": args.redundant, "min_rows": 100}}  # fmt: skip
+    if args.model == "demo":
+        args.skew = args.skew or "zipf:1.4"
+        model = make_demo(folder / "demo", "mixtral", progress=False, router_skew=args.skew)
+        sizes: dict[str, Any] = {}
+    else:
+        # 64 experts: halves in expert id order carry about the same load whatever the skew, so the run starts
+        # from the placement a skew makes worst: each layer's 32 hottest experts on shard 0.
+        args.skew = args.skew or "zipf:0.8"
+        model = skewed_bench(folder / "bench", args.skew)
+        hot_first = rank_orders(64, 3, seed=0)  # the bench config: 64 experts, 3 MoE layers
+        sizes = {"router_resources": {"num_cpus": 2}, "shard_resources": {"num_cpus": 1}, "placement": "explicit",
+                 "explicit_placement": [[order[:32], order[32:]] for order in hot_first]}  # fmt: skip
+    engine_config = {"expert_load_window_s": 30, "dtype": "float32" if args.model == "demo" else "bfloat16"}
+    app = {"model": str(model), "served_model_name": args.model, "shards": 2, "engine_config": engine_config,
+           "rebalance": {"redundant": args.redundant, "min_rows": 100}, **sizes}  # fmt: skip
     port = free_port()
     metrics_url = f"http://127.0.0.1:{port}/metrics"
     with local_cluster(multinode=False, metrics_port=port) as (serve_url, _):
@@ -165,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(_row(phase, tb - ta, mean_b, per_layer, q, tok_s, itl, failed))
     tok_s, itl, failed = tokens_between(records, t1, t2)
     rows.insert(1, _row("during", t2 - t1, None, [], {}, tok_s, itl, failed))
-    meta = machine_meta(skew=args.skew, users=args.users, redundant=args.redundant, started=t_start,
+    meta = machine_meta(model=args.model, skew=args.skew, users=args.users, redundant=args.redundant, started=t_start,
                         planned=round(outcome["balancedness"], 3), served=round(outcome["current_balancedness"], 3),
                         placement=outcome["placement"])  # fmt: skip
     columns = {
@@ -174,6 +193,29 @@ def main(argv: list[str] | None = None) -> None:
         "ITL p50 ms": "itl", "failed": "failed",
     }  # fmt: skip
     write_report(args.out, "rebalance", meta, rows, columns)
+
+
+def skewed_bench(out: Path, skew: str) -> Path:
+    """The bench checkpoint (benchmarks/engines.py: servable over HTTP) with its gates' selection bias fitted so
+    that each MoE layer's load follows `skew` (serving/router_skew.py, what make-demo --router-skew does)."""
+    import json
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.engines import serving_checkpoint
+    from serving.router_skew import calibration_prompts, parse_router_skew, skew_gates
+    from serving.tokenizer import Tokenizer
+
+    source = serving_checkpoint("bench", Path(tempfile.gettempdir()) / "moe-serve-bench")
+    shutil.copytree(source, out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    skew_gates(model, parse_router_skew(skew), seed=0, prompts=calibration_prompts(Tokenizer(out)))
+    config = json.loads((out / "config.json").read_text())
+    model.save_pretrained(out)
+    (out / "config.json").write_text(json.dumps(config, indent=2))  # the routing fields vLLM and we read
+    return out
 
 
 def _ms(value: float | None) -> str:
