@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.config import AppConfig, FailoverConfig
 from deployments.expert_load import RouterLoads
 from deployments.metrics import RaySink
 from deployments.rebalancer import Rebalancer
+from deployments.remote_errors import replica_died, unwrapped
 from serving.api.app import build_api, load_api_keys
 from serving.api.retrieval import Retrieval
 from serving.engine_client import RequestOutput, SamplingParams
@@ -49,24 +48,6 @@ _RETRIEVAL_PASS_THROUGH = (RetrievalUnavailableError, UnknownCollectionError, Va
 
 
 log = logging.getLogger(__name__)
-
-
-@contextmanager
-def _unwrapped(kinds: tuple[type[Exception], ...]) -> Iterator[None]:
-    """Raise a replica's own exception of one of `kinds` (the API maps those to 4xx/503) instead of
-    Ray's RayTaskError around it; any other failure stays as it is."""
-    try:
-        yield
-    except RayTaskError as e:
-        if isinstance(e.cause, kinds):
-            raise e.cause from None
-        raise
-
-
-def _replica_died(error: BaseException) -> bool:
-    """Whether `error` says the router replica serving a stream is gone (killed, crashed, its node lost).
-    A router's own exception caused by a dead shard arrives as RayTaskError(ActorDiedError): not this."""
-    return isinstance(error, ActorDiedError | ActorUnavailableError) and not isinstance(error, RayTaskError)
 
 
 STALE_PAUSE_S = 0.5  # before moving a stream off a router of another app version than its shards
@@ -102,7 +83,7 @@ class RouterClient:
             stream = self.handle.generate.remote(prompt_ids, resumed, request_id, list(sent))
             try:
                 await self._assigned(stream)
-                with _unwrapped(_PASS_THROUGH + (StalePlacementError,)):
+                with unwrapped(_PASS_THROUGH + (StalePlacementError,)):
                     async for out in stream:
                         sent.extend(out.new_token_ids)
                         yield out
@@ -118,7 +99,7 @@ class RouterClient:
                 log.info("request %s: %s; moving it after %d tokens", request_id, e, len(sent))
                 reason = "stale_placement"
             except Exception as e:
-                if not _replica_died(e):
+                if not replica_died(e):
                     raise
                 log.warning("request %s: its router died after %d tokens (%s); moving it", request_id, len(sent), e)
                 deaths += 1
@@ -155,10 +136,10 @@ class RetrieverHandleClient:
     @staticmethod
     async def _call(response):
         try:
-            with _unwrapped(_RETRIEVAL_PASS_THROUGH):
+            with unwrapped(_RETRIEVAL_PASS_THROUGH):
                 return await response
         except Exception as e:
-            if _replica_died(e):  # Serve restarts it; meanwhile RAG answers without context (or 503 if required)
+            if replica_died(e):  # Serve restarts it; meanwhile RAG answers without context (or 503 if required)
                 died = f"the Retriever replica died ({type(e).__name__}); retry later"
                 raise RetrievalUnavailableError(died) from None
             raise

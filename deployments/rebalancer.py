@@ -36,11 +36,11 @@ from typing import Any
 
 import ray
 from ray import serve
-from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.config import AppConfig
 from deployments.expert_load import RouterLoads
+from deployments.remote_errors import unwrapped
 from serving.errors import RebalanceConflictError, RequestError
 from serving.metrics import REBALANCES, MetricsSink
 from serving.rebalancing import BelowFor
@@ -98,12 +98,8 @@ class Rebalancer:
                 f"the routers' window holds {rows} rows per MoE layer, fewer than rebalance.min_rows="
                 f"{self.cfg.rebalance.min_rows}: too little load to plan from; retry once traffic has run"
             )
-        try:
+        with unwrapped((RequestError,)):  # the router's RequestError (a redundant count that cannot be placed): 400
             report = await self.router.plan_rebalance.remote(load, redundant)
-        except RayTaskError as e:  # the router's RequestError (a redundant count that cannot be placed): a 400
-            if isinstance(e.cause, RequestError):
-                raise e.cause from None
-            raise
         return {**report, "redundant": redundant, "rows": rows}
 
     async def _deploy(self, report: dict[str, Any], trigger: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 
 async def poll(condition, timeout: float = 10.0, interval: float = 0.01) -> bool:
@@ -14,4 +15,15 @@ async def poll(condition, timeout: float = 10.0, interval: float = 0.01) -> bool
         if condition():
             return True
         await asyncio.sleep(interval)
+    return condition()
+
+
+def wait_until(condition, timeout: float = 10.0, interval: float = 0.5) -> bool:
+    """poll for a thread that is not on an event loop: True as soon as condition() holds; False if it still
+    does not after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(interval)
     return condition()

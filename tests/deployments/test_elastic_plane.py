@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 from types import SimpleNamespace
 
 import httpx
@@ -24,7 +23,7 @@ from deployments.local_cluster import deploy_app
 from serving.demo import CORPUS, make_demo
 from serving.model.config import ModelConfig
 from serving.router_skew import rank_orders
-from tests.polling import poll
+from tests.polling import poll, wait_until
 
 
 def context(rates: dict[str, float] | None, current: int = 1) -> SimpleNamespace:
@@ -176,16 +175,6 @@ def expert_ids(shard: int) -> dict[int, list[int]]:
     return handle.info.remote().result(timeout_s=30)["expert_ids"]
 
 
-def wait_for(condition, timeout_s: float) -> bool:
-    """True as soon as condition() holds (checked twice a second: it calls the cluster); False at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.5)
-    return condition()
-
-
 def test_a_rebalance_under_streaming_load_loses_nothing_and_changes_no_token(skewed_app):
     url = skewed_app
     before = expert_ids(0)
@@ -201,7 +190,7 @@ def test_a_rebalance_under_streaming_load_loses_nothing_and_changes_no_token(ske
         t.start()
     try:
         # each prompt answered once on the placement served (its greedy reference), then the rebalance
-        assert wait_for(lambda: all(seen.values()), timeout_s=120), "no answer before the rebalance"
+        assert wait_until(lambda: all(seen.values()), timeout=120), "no answer before the rebalance"
         r = httpx.post(f"{url}/v1/admin/rebalance", json={"redundant": 2}, timeout=60)
         assert r.status_code == 200, r.text
         outcome = r.json()
@@ -210,9 +199,9 @@ def test_a_rebalance_under_streaming_load_loses_nothing_and_changes_no_token(ske
         def rebalanced() -> bool:
             return serve.status().applications[APP].status == "RUNNING" and expert_ids(0) != before
 
-        assert wait_for(rebalanced, timeout_s=240), "the plan was not rolled out"
+        assert wait_until(rebalanced, timeout=240), "the plan was not rolled out"
         answered = sum(map(len, seen.values()))  # and the new version answers too
-        assert wait_for(lambda: sum(map(len, seen.values())) >= answered + len(REBALANCE_PROMPTS), timeout_s=120)
+        assert wait_until(lambda: sum(map(len, seen.values())) >= answered + len(REBALANCE_PROMPTS), timeout=120)
     finally:
         stop.set()
         for t in threads:
