@@ -40,6 +40,7 @@ from deployments.local_cluster import deploy_app, free_port
 from loadtests.runner import LoadTest, read_records, run_loadtest
 from loadtests.workload import Workload
 from serving.demo import make_demo
+from serving.model.config import ModelConfig
 from serving.rebalancing import post_rebalance
 from serving.router_skew import rank_orders
 
@@ -142,9 +143,11 @@ def main(argv: list[str] | None = None) -> None:
         # from the placement a skew makes worst: each layer's 32 hottest experts on shard 0.
         args.skew = args.skew or "zipf:0.8"
         model = skewed_bench(folder / "bench", args.skew)
-        hot_first = rank_orders(64, 3, seed=0)  # the bench config: 64 experts, 3 MoE layers
+        cfg = ModelConfig.from_pretrained(model)
+        hot_first = rank_orders(cfg.num_experts, len(cfg.moe_layer_ids), seed=0)  # the order skewed_bench fitted
+        half = cfg.num_experts // 2
         sizes = {"router_resources": {"num_cpus": 2}, "shard_resources": {"num_cpus": 1}, "placement": "explicit",
-                 "explicit_placement": [[order[:32], order[32:]] for order in hot_first]}  # fmt: skip
+                 "explicit_placement": [[order[:half], order[half:]] for order in hot_first]}  # fmt: skip
     engine_config = {"expert_load_window_s": 30, "dtype": "float32" if args.model == "demo" else "bfloat16"}
     app = {"model": str(model), "served_model_name": args.model, "shards": 2, "engine_config": engine_config,
            "rebalance": {"redundant": args.redundant, "min_rows": 100}, **sizes}  # fmt: skip

@@ -76,13 +76,12 @@ def serve_discovery(handles: list[DeploymentHandle]) -> Discover:
 
 
 class _Conn:
-    """One open stream to one replica; request ids sent on it and not answered yet."""
+    """One open stream to one replica."""
 
     def __init__(self, shard: int, endpoint: Endpoint):
         self.shard, self.endpoint = shard, endpoint
         self.sock = socket.create_connection((endpoint.host, endpoint.port), timeout=CONNECT_TIMEOUT_S)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.waiting: set[int] = set()
 
     def close(self) -> None:
         self.sock.close()
@@ -189,7 +188,6 @@ class DirectTransport:
             except OSError as e:
                 self._drop(c.shard, endpoint.replica, f"send failed: {e}")
                 continue
-            conn.waiting.add(request_id)
             c.attempts[request_id] = conn
             self.metrics.record(SHARD_CALLS, 1, {"model": self.model, "shard": str(c.shard), "transport": "direct"})
             return True
@@ -236,7 +234,6 @@ class DirectTransport:
             self._fail_stream(conn, open_calls, results, reason, f"replica {conn.endpoint.replica}: {e}")
             return
         request_id = int(frame.header["id"])
-        conn.waiting.discard(request_id)
         owner = next((c for c in open_calls.values() if request_id in c.attempts), None)
         if owner is None or owner.shard in results:  # a hedge that lost, answering late: not needed
             return

@@ -92,7 +92,7 @@ class HandleTransport:
         for shard, response in responses.items():
             self._track(open_calls[shard], response, owner, results)
         while open_calls.keys() - results.keys():
-            timeout = self._next_deadline(open_calls, results) - time.perf_counter()
+            timeout = next_deadline(open_calls, results, self.call_timeout_s, self.hedge_after_s) - time.perf_counter()
             done, _ = ray.wait(list(owner), num_returns=1, timeout=max(0.0, timeout))
             for ref in done:
                 self._collect(ref, owner, results)
@@ -151,9 +151,6 @@ class HandleTransport:
             owner.pop(other, None)
         c.refs.clear()
         self.metrics.record(DISPATCH, time.perf_counter() - c.sent_at, {"model": self.model, "shard": str(c.shard)})
-
-    def _next_deadline(self, open_calls: dict[int, _Call], results: dict) -> float:
-        return next_deadline(open_calls, results, self.call_timeout_s, self.hedge_after_s)
 
     def _hedge_or_expire(self, layer: int, open_calls: dict[int, _Call], owner: dict, results: dict) -> None:
         now = time.perf_counter()

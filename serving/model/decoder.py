@@ -52,8 +52,7 @@ class DecoderLayer(nn.Module):
         rope: RotaryEmbedding,
         experts: ExpertBackend,
     ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), meta, cache, rope)  # [T, D]
-        h = self.post_attention_layernorm(x)
+        x, h = self._attend(x, meta, cache, rope)
         return x + (self.mlp(h, experts) if self.sparse else self.mlp(h))  # [T, D]
 
     def start(
@@ -61,14 +60,20 @@ class DecoderLayer(nn.Module):
     ) -> tuple[Tensor, PendingMoE | None]:
         """forward up to the routed experts, which are submitted to `pipeline`: (x after attention, pending).
         A dense layer has nothing to wait for: its output, None."""
-        x = x + self.self_attn(self.input_layernorm(x), meta, cache, rope)  # [T, D]
-        h = self.post_attention_layernorm(x)
+        x, h = self._attend(x, meta, cache, rope)
         if not self.sparse:
             return x + self.mlp(h), None
         return x, self.mlp.submit(h, pipeline)
 
     def finish(self, x: Tensor, pending: PendingMoE | None) -> Tensor:
         return x if pending is None else x + self.mlp.finish(pending)
+
+    def _attend(
+        self, x: Tensor, meta: AttentionMetadata, cache: list[Tensor], rope: RotaryEmbedding
+    ) -> tuple[Tensor, Tensor]:
+        """x after the attention residual [T, D], and its post-attention norm [T, D] (the MLP's input)."""
+        x = x + self.self_attn(self.input_layernorm(x), meta, cache, rope)  # [T, D]
+        return x, self.post_attention_layernorm(x)
 
 
 class DecoderStack(nn.Module):
