@@ -363,9 +363,9 @@ class AppConfig(BaseModel):
     )
     transport: Literal["handles", "direct"] = Field(
         "direct",
-        description="How a router calls the shards: handles, through Serve DeploymentHandles (~8 ms a hop here); "
-        "direct, over a TCP stream to each shard replica's own port (~0.1 ms), Serve handles only where no "
-        "replica's port is known yet (docs/architecture.md, 'Shard transports').",
+        description="How a router calls the shards: handles, through Serve DeploymentHandles (8-15 ms a hop here); "
+        "direct, over a TCP stream to each shard replica's own port (~1 ms, benchmarks/dispatch.py), Serve handles "
+        "only where no replica's port is known yet (docs/architecture.md, 'Shard transports').",
     )
     routers: int = Field(
         1, ge=1, description="Router replicas (dense layers, gate, KV cache; they share the shards), or vLLM replicas."

@@ -1,10 +1,11 @@
 """ShardTransport over direct TCP streams to the shard replicas (`transport: direct`), Serve handles as fallback.
 
 Why: a call through a Serve DeploymentHandle crosses the engine thread, the handle's router loop, the
-replica's event loop and its user-code thread, and costs ~8 ms here for one row; a frame over a TCP stream
-between the same two processes costs ~0.05 ms (benchmarks/dispatch.py measures both). So each ExpertShard
-replica also answers calls on a port of its own (serving/experts/shard_server.py) and the router sends them
-there, while Serve keeps doing what it is good at: starting, restarting, scaling and replacing replicas.
+replica's event loop and its user-code thread, and costs 8-15 ms here for one row; over a TCP stream to the
+replica the same call costs ~1 ms (benchmarks/dispatch.py measures both; a bare socket round trip between two
+processes is ~0.05 ms; the rest, framing and the shard's threads on shared cores, is not broken down). So each
+ExpertShard replica also answers calls on a port of its own (serving/experts/shard_server.py) and the router
+sends them there, while Serve keeps doing what it is good at: starting, restarting, scaling and replacing replicas.
 
 Which replicas exist: a background thread asks each shard's replicas for their endpoint (host, port, replica,
 version) with Serve's `broadcast`, every `refresh_s` and at once after a call to one failed. Serve's replica
