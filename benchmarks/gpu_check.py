@@ -127,7 +127,7 @@ def ours(path: Path, device: torch.device, batch: int, steps: int, prompts: list
         hits.append(sum(1 for name, _, _ in sink.records if name == EXPERT_TOKENS.name))  # (layer, expert) pairs
     cfg = model.config
     expert_bytes = 3 * cfg.moe_intermediate_size * cfg.hidden_size * 2  # gate, up, down in bf16
-    dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    dense_bytes = model.weight_bytes
     # each step reads every sequence's cache rows; the context grows from PROMPT_LEN + 4 over the timed steps
     kv_bytes = KVCache.bytes_per_token(model.cache_shapes(), torch.bfloat16) * batch * (PROMPT_LEN + 4 + steps // 2)
     step = statistics.median(times)

@@ -57,7 +57,9 @@ class ModelRunner:
         input_ids: list[int] = []
         seq_chunks, sample_rows, samplers = [], [], []
         score_rows, scored_ids, scorers = [], [], []  # prompt positions whose logits score the next prompt token
-        for chunk in chunks:
+        # Decodes first, prefill chunks after: attention then runs as two batches, neither padded to the
+        # other's query length (serving/model/attention.py says why). The order of rows is the runner's own.
+        for chunk in sorted(chunks, key=lambda c: c.num_new > 1):
             seq, start = chunk.seq, chunk.seq.num_cached
             end = start + chunk.num_new
             first_row = len(input_ids)
@@ -131,7 +133,7 @@ def score_prompts(model: MoEForCausalLM, experts: ExpertBackend, prompts: list[l
     """
     block_size = 16
     allocator = BlockAllocator(sum(math.ceil(len(p) / block_size) for p in prompts), block_size)
-    cache = KVCache(model.cache_shapes(), allocator.num_blocks, block_size, model.lm_head.weight.dtype, model.device)
+    cache = KVCache(model.cache_shapes(), allocator.num_blocks, block_size, model.dtype, model.device)
     chunks = []
     for p in prompts:
         blocks = allocator.allocate(allocator.blocks_for(len(p)))

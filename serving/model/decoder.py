@@ -25,6 +25,7 @@ from serving.model.config import ModelConfig
 from serving.model.layers import GatedMLP, RMSNorm
 from serving.model.mla import MLAttention
 from serving.model.moe import MoEBlock, PendingMoE
+from serving.model.prepack import PackedLinear, can_prepack, prepack_linears
 from serving.model.rope import RotaryEmbedding, softmax_scale
 
 
@@ -142,7 +143,18 @@ class MoEForCausalLM(nn.Module):
     @property
     def device(self) -> torch.device:
         """Where the model was loaded (load_model's `device`); the engine puts its inputs and cache there."""
-        return self.lm_head.weight.device
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the dense part's weights, packed ones included: what a decode step reads at least once."""
+        packed = [m.packed for m in self.modules() if isinstance(m, PackedLinear)]
+        return sum(t.numel() * t.element_size() for t in [*self.parameters(), *packed])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes in (load_model's `dtype`)."""
+        return self.model.embed_tokens.weight.dtype
 
     def logits(self, hidden: Tensor) -> Tensor:
         """[N, D] -> [N, V] float32 logits (only for the rows that are sampled)."""
@@ -150,13 +162,15 @@ class MoEForCausalLM(nn.Module):
 
 
 def load_model(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", prepack: bool = True
 ) -> tuple[MoEForCausalLM, Checkpoint]:
     """Build the dense part of the model at `path` and load its weights (routed experts excluded) onto
     `device`.
 
     Returns the model (eval mode, no grad needed) and the open Checkpoint, from which experts are read.
     A block-wise fp8 checkpoint (config.fp8_block) is dequantized to `dtype` at load: memory is that of `dtype`.
+    `prepack`: on CPU in bfloat16, the linears run on weights packed for oneDNN (serving/model/prepack.py:
+    the same outputs, faster); False keeps nn.Linear (to compare the two).
     """
     cfg = ModelConfig.from_pretrained(path)
     ckpt = Checkpoint(path, fp8_block=cfg.fp8_block)  # fp8 checkpoints: dequantized to `dtype` as they are read
@@ -174,7 +188,11 @@ def load_model(
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, assign=True, strict=True)
     model.rotary = model._rotary(cfg).to(device)  # rotary tables are buffers, not weights: rebuilt off meta
-    return model.eval().requires_grad_(False), ckpt
+    model.eval().requires_grad_(False)
+    if prepack and can_prepack(dtype, torch.device(device)):
+        tied = model.lm_head.weight is model.model.embed_tokens.weight  # packing it would keep a second copy
+        prepack_linears(model, keep=(model.lm_head,) if tied else ())
+    return model, ckpt
 
 
 def load_local(

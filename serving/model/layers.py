@@ -1,4 +1,4 @@
-"""Small building blocks shared by the decoder: RMSNorm and the gated (SwiGLU) MLP."""
+"""Small building blocks shared by the decoder: RMSNorm, the gated (SwiGLU) MLP, and a weight read as a tensor."""
 
 from __future__ import annotations
 
@@ -32,3 +32,13 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LinearWeight(nn.Module):
+    """A linear layer's weight [out, in] that the model reads as a tensor and never calls (MLA folds
+    kv_b_proj into its queries and outputs), under the checkpoints' name `<layer>.weight`. Not an
+    nn.Linear, so nothing mistakes it for a layer to run (serving/model/prepack.py packs every nn.Linear)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))

@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from serving.model.attention import AttentionMetadata, write_and_gather
+from serving.model.attention import AttentionBatch, AttentionMetadata, write_cache
 from serving.model.config import MLAConfig
-from serving.model.layers import RMSNorm
+from serving.model.layers import LinearWeight, RMSNorm
 from serving.model.rope import RotaryEmbedding
 
 
@@ -35,7 +35,8 @@ class MLAttention(nn.Module):
             self.q_b_proj = nn.Linear(mla.q_lora_rank, heads * qk, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(hidden, mla.kv_lora_rank + mla.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, eps)
-        self.kv_b_proj = nn.Linear(mla.kv_lora_rank, heads * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False)
+        # expands a latent to every head's key and value; absorbed in `forward`, never run as a layer
+        self.kv_b_proj = LinearWeight(mla.kv_lora_rank, heads * (mla.qk_nope_head_dim + mla.v_head_dim))
         self.o_proj = nn.Linear(heads * mla.v_head_dim, hidden, bias=bias)
 
     def cache_shapes(self) -> list[tuple[int, ...]]:
@@ -55,7 +56,7 @@ class MLAttention(nn.Module):
         q_rot = rope(q_rot, meta.positions)  # [T, H, P]
         k_rot = rope(k_rot[:, None, :], meta.positions)[:, 0]  # [T, P]
 
-        context = write_and_gather(cache[0], torch.cat([latent, k_rot], dim=-1), meta).to(x.dtype)  # [B, L, R+P]
+        write_cache(cache[0], torch.cat([latent, k_rot], dim=-1), meta)  # [T, R+P] into the cache
         # Attention in latent space ("weight absorption", DeepSeek-V2 section 2.1.2). A head's key is
         # k_nope = W_uk @ latent, so q_nope . k_nope = (W_uk^T @ q_nope) . latent: fold W_uk into the
         # query once per new token instead of decompressing every context token in every step. Likewise
@@ -64,15 +65,22 @@ class MLAttention(nn.Module):
         w = self.kv_b_proj.weight.view(H, N + V, R)  # [H, N+V, R]
         w_uk, w_uv = w[:, :N], w[:, N:]  # [H, N, R], [H, V, R]
         q_latent = torch.einsum("thn,hnr->thr", q_nope, w_uk)  # [T, H, R]
-        queries = meta.pad_queries(torch.cat([q_latent, q_rot], dim=-1))  # [B, Q, H, R+P]
+        queries = torch.cat([q_latent, q_rot], dim=-1)  # [T, H, R+P]
+        out = meta.per_batch(queries, lambda rows, batch: self._attend(rows, batch, cache[0]))  # [T, H, R]
+        out = torch.einsum("thr,hvr->thv", out, w_uv)  # [T, H, V]
+        return self.o_proj(out.reshape(T, H * V))  # [T, D]
+
+    def _attend(self, q: Tensor, batch: AttentionBatch, cache: Tensor) -> Tensor:
+        """One batch's latent queries [T_batch, H, R+P] over its sequences' cached latents -> [T_batch, H, R]."""
+        H, R = q.shape[1], self.mla.kv_lora_rank
+        context = cache[batch.context_slots].to(q.dtype)  # [B, L, R+P]
+        queries = batch.pad_queries(q)  # [B, Q, H, R+P]
         B, Q = queries.shape[:2]
         # One shared key/value head: plain batched matmuls over (query, head) rows. (SDPA's grouped
         # path copies the latent once per head on CPU, which costs more than the attention itself.)
-        scores = torch.bmm(queries.reshape(B, Q * H, R + P), context.transpose(1, 2))  # [B, Q*H, L]
+        scores = torch.bmm(queries.reshape(B, Q * H, -1), context.transpose(1, 2))  # [B, Q*H, L]
         scores = scores.float() * self.softmax_scale
-        mask = meta.mask[:, 0, :, None, :].expand(B, Q, H, -1).reshape(B, Q * H, -1)  # [B, Q*H, L]
-        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(x.dtype)  # [B, Q*H, L]
+        mask = batch.mask[:, 0, :, None, :].expand(B, Q, H, -1).reshape(B, Q * H, -1)  # [B, Q*H, L]
+        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(q.dtype)  # [B, Q*H, L]
         out = torch.bmm(probs, context[..., :R]).view(B, Q, H, R)  # [B, Q, H, R]
-        out = meta.unpad(out)  # [T, H, R]
-        out = torch.einsum("thr,hvr->thv", out, w_uv)  # [T, H, V]
-        return self.o_proj(out.reshape(T, H * V))  # [T, D]
+        return batch.unpad(out)  # [T_batch, H, R]

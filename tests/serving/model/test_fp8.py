@@ -176,7 +176,7 @@ def test_fp8_logits_equal_the_dequantized_models(fp8_demos, layout, tmp_path):
 
 def test_bf16_engine_rounds_the_dequantized_values_once(fp8_demos):
     fp8_dir = fp8_demos["per_expert"]
-    model, _ = load_model(fp8_dir, torch.bfloat16)
+    model, _ = load_model(fp8_dir, torch.bfloat16, prepack=False)  # the weights as loaded, as parameters
     tensors = load_file(fp8_dir / "model.safetensors")
     for name in ("model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"):
         want = deepseek_weight_dequant(tensors[name], tensors[f"{name}_scale_inv"]).to(torch.bfloat16)
