@@ -100,15 +100,15 @@ def copy_bandwidth(device: torch.device, mib: int) -> float:
     return 2 * src.numel() / statistics.median(times)
 
 
-def ours(path: Path, device: torch.device, batch: int, steps: int, prompts: list[list[int]]) -> dict:
-    """Median decode step of our engine at `batch`, and the bytes that step reads."""
+def ours(path: Path, device: torch.device, batch: int, steps: int, prompts: list[list[int]], kernel: str) -> dict:
+    """Median decode step of our engine at `batch` (routed experts on `kernel`), and the bytes that step reads."""
     from serving.engine.kv_cache import KVCache
     from serving.engine.llm_engine import LLMEngine
     from serving.engine_client import EngineConfig, SamplingParams
     from serving.metrics import EXPERT_TOKENS, MemorySink
     from serving.model.decoder import load_local
 
-    model, experts = load_local(path, torch.bfloat16, device)
+    model, experts = load_local(path, torch.bfloat16, device, kernel)
     sink = MemorySink()
     config = EngineConfig(dtype="bfloat16", kv_cache_mb=1024, max_running=batch, max_batched_tokens=batch * PROMPT_LEN)
     engine = LLMEngine(model, experts, None, config, metrics=sink)
@@ -170,6 +170,12 @@ def main() -> None:
     parser.add_argument("--batches", default="1,16,64")
     parser.add_argument("--steps", type=int, default=20, help="decode steps timed per batch")
     parser.add_argument("--skip-tests", action="store_true", help="only the decode table")
+    parser.add_argument(
+        "--expert-kernel",
+        default="loop",
+        choices=("loop", "vllm", "auto"),
+        help="engine_config.expert_kernel (vllm needs vLLM: not on the GPU machine)",
+    )
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "moe-serve-gpu-check"))
     parser.add_argument("--out", default="benchmarks/results/gpu_check")
     args = parser.parse_args()
@@ -189,7 +195,7 @@ def main() -> None:
     prompts = torch.randint(0, vocab, (max(batches), PROMPT_LEN), generator=gen).tolist()
     rows = []
     for batch in batches:
-        mine = ours(path, device, batch, args.steps, prompts)
+        mine = ours(path, device, batch, args.steps, prompts, args.expert_kernel)
         hf = theirs(path, device, batch, args.steps, prompts)
         floor = mine["bytes"] / bandwidth
         rows.append(dict(batch=batch, ours_tok_s=round(mine["tok_s"], 1), transformers_tok_s=round(hf, 1),
@@ -198,7 +204,8 @@ def main() -> None:
         print(rows[-1], flush=True)
     meta = dict(
         date=time.strftime("%Y-%m-%d"), device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        torch=torch.__version__, model=args.model, steps=args.steps, copy_gb_s=round(bandwidth / 1e9, 1),
+        torch=torch.__version__, model=args.model, expert_kernel=args.expert_kernel, steps=args.steps,
+        threads=torch.get_num_threads(), copy_gb_s=round(bandwidth / 1e9, 1),
         tests=tests, seconds=round(time.perf_counter() - started, 1),
     )  # fmt: skip
     header = "| batch | ours tok/s | transformers tok/s | ours / transformers | step ms | floor ms | step / floor |"

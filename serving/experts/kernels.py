@@ -1,9 +1,10 @@
 """Choosing the expert kernel, in one place: `engine_config.expert_kernel` (auto | loop | vllm) -> loop | vllm.
 
     kernel = resolve_kernel("auto", torch.bfloat16, torch.device("cpu"), hidden_size=2048)  # "vllm" if installed
-    layer = build_layer_experts(kernel, StackedExperts(gate_up, down, expert_ids))          # a LayerExperts
+    layer = build_layer_experts(kernel, gate_up, down, expert_ids)                          # a LayerExperts
 
-- loop: StackedExperts (serving/experts/local.py), one matmul pair per expert in torch; always available.
+- loop: StackedExperts (serving/experts/local.py), one matmul pair per expert in torch (on CPU in bfloat16
+  on weights packed for oneDNN); always available.
 - vllm: VLLMFusedExperts (serving/experts/fused.py), vLLM's fused MoE op; needs vLLM installed.
 - auto: vllm where vLLM is installed and its op takes the dtype, device and hidden size, else loop.
 
@@ -20,12 +21,14 @@ from collections.abc import Mapping
 from typing import Literal
 
 import torch
+from torch import Tensor
 
 from serving.engine_client import EXPERT_KERNELS
 from serving.errors import ConfigError
 from serving.experts.backend import LayerExperts
 from serving.experts.fused import VLLMFusedExperts, load_op, unsupported
 from serving.experts.local import StackedExperts
+from serving.model.prepack import can_prepack
 from serving.vllm_engine import INSTALL_HINT
 
 log = logging.getLogger(__name__)
@@ -75,9 +78,12 @@ def load_kernel(name: str, dtype: torch.dtype, device: torch.device, hidden_size
     return kernel
 
 
-def build_layer_experts(kernel: KernelName, stacked: StackedExperts) -> LayerExperts:
-    """One layer's experts for a resolved kernel: the stack itself (loop) or vLLM's op over it (vllm)."""
-    return VLLMFusedExperts(stacked) if kernel == "vllm" else stacked
+def build_layer_experts(kernel: KernelName, gate_up: Tensor, down: Tensor, expert_ids: list[int]) -> LayerExperts:
+    """One layer's experts for a resolved kernel: vLLM's op over the stack (vllm), or the stack itself
+    (loop), its weights packed for oneDNN where that applies (CPU, bfloat16: StackedExperts' `prepack`)."""
+    if kernel == "vllm":
+        return VLLMFusedExperts(StackedExperts(gate_up, down, expert_ids))
+    return StackedExperts(gate_up, down, expert_ids, prepack=can_prepack(gate_up.dtype, gate_up.device))
 
 
 def kernel_of(layers: Mapping[int, LayerExperts]) -> str:

@@ -1,7 +1,7 @@
 """Reading routed experts from a checkpoint: a process reads only the experts it holds.
 
 >>> cfg = ModelConfig.from_pretrained("demo/")
->>> layers = load_experts(Checkpoint("demo/", cfg.fp8_block), cfg, [0, 1, 2, 3], torch.bfloat16)
+>>> layers = load_experts(Checkpoint("demo/", cfg.fp8_block), cfg, [0, 1, 2, 3], torch.float32)
 >>> layers[0].gate_up.shape        # [4, 2I, D]: experts 0..3 of MoE layer 0 (expert_kernel loop)
 >>> load_experts(ckpt, cfg, [0, 1, 2, 3], torch.bfloat16, kernel="vllm")[0].kernel   # "vllm": packed for vLLM's op
 >>> load_experts(ckpt, cfg, {0: [0, 1], 1: [2, 3, 5]}, torch.bfloat16)   # other experts in each MoE layer
@@ -19,7 +19,6 @@ from serving.engine_client import ExpertKernel
 from serving.errors import CheckpointError
 from serving.experts.backend import LayerExperts
 from serving.experts.kernels import build_layer_experts, load_kernel
-from serving.experts.local import StackedExperts
 from serving.model.checkpoint import Checkpoint
 from serving.model.config import ModelConfig
 
@@ -54,5 +53,5 @@ def load_experts(
             )
         if not (torch.isfinite(gate_up).all() and torch.isfinite(down).all()):
             raise CheckpointError(f"{ckpt.path}: layer {layer} experts hold NaN or infinite values")
-        held[layer] = build_layer_experts(chosen, StackedExperts(gate_up=gate_up, down=down, expert_ids=ids))
+        held[layer] = build_layer_experts(chosen, gate_up, down, ids)
     return held

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from router.dispatch import flatten, group_by_expert
 from serving.experts.backend import LayerExperts
+from serving.model.prepack import can_prepack, linear, packed_weight
 
 # T = tokens, K = experts per token, D = hidden, I = expert intermediate size,
 # E_held = experts held here, R = rows sent here, A = assignments, n = rows of one expert
@@ -61,11 +62,16 @@ class StackedExperts:
     expert_ids: the global ids of the held experts, ascending; ``gate_up[i]`` is expert ``expert_ids[i]``.
     Expert e computes ``down_e @ (silu(gate_e @ x) * (up_e @ x))``. This is the `loop` expert kernel; the
     `vllm` one (serving/experts/fused.py) takes the same stack and has the same `forward`.
+    prepack: hold each expert's two weights packed for oneDNN instead of the stacks (serving/model/prepack.py;
+    only on CPU in bfloat16): the same output bits, and each expert's GEMMs run at a few rows near memory
+    speed and at many rows near the cores' peak. The stacks are then not kept (`gate_up` and `down` raise).
     """
 
     kernel = "loop"
 
-    def __init__(self, gate_up: Tensor, down: Tensor, expert_ids: Iterable[int] | Tensor) -> None:
+    def __init__(
+        self, gate_up: Tensor, down: Tensor, expert_ids: Iterable[int] | Tensor, prepack: bool = False
+    ) -> None:
         ids = torch.as_tensor(list(expert_ids) if not isinstance(expert_ids, Tensor) else expert_ids)
         ids = ids.to(device=gate_up.device, dtype=torch.int64)  # [E_held]
         held = ids.shape[0]
@@ -85,9 +91,30 @@ class StackedExperts:
                 f"StackedExperts: gate_up ({gate_up.dtype}, {gate_up.device}) and down "
                 f"({down.dtype}, {down.device}) must share dtype and device"
             )
-        self.gate_up = gate_up
-        self.down = down
+        if prepack and not can_prepack(gate_up.dtype, gate_up.device):
+            raise ValueError(f"StackedExperts: prepack needs bfloat16 on a CPU with oneDNN, got {gate_up.dtype} "
+                             f"on {gate_up.device}")  # fmt: skip
+        self._stacks = None if prepack else (gate_up, down)
+        pack = packed_weight if prepack else (lambda w: w)
+        # per expert (gate_up [2I, D], down [D, I]): views of the stacks, or their packed copies
+        self._weights = [(pack(g), pack(d)) for g, d in zip(gate_up.unbind(0), down.unbind(0), strict=True)]
+        self._dtype, self._nbytes = gate_up.dtype, sum(t.numel() * t.element_size() for t in (gate_up, down))
         self.index = ExpertIndex(ids)
+
+    @property
+    def gate_up(self) -> Tensor:
+        """[E_held, 2I, D] the stacked gate and up weights (not kept once packed)."""
+        return self._stack(0)
+
+    @property
+    def down(self) -> Tensor:
+        """[E_held, D, I] the stacked down weights (not kept once packed)."""
+        return self._stack(1)
+
+    def _stack(self, which: int) -> Tensor:
+        if self._stacks is None:
+            raise AttributeError("StackedExperts(prepack=True) keeps each expert's packed weights, not the stacks")
+        return self._stacks[which]
 
     @property
     def expert_ids(self) -> Tensor:
@@ -101,11 +128,11 @@ class StackedExperts:
     @property
     def nbytes(self) -> int:
         """Bytes of expert weights held (gate_up + down)."""
-        return sum(t.numel() * t.element_size() for t in (self.gate_up, self.down))
+        return self._nbytes
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.gate_up.dtype
+        return self._dtype
 
     def forward(self, hidden: Tensor, local_rows: Tensor, experts: Tensor, weights: Tensor) -> Tensor:
         """Weighted expert outputs summed per row: ``out [R, D]`` in hidden's dtype.
@@ -114,29 +141,33 @@ class StackedExperts:
         assignment a adds ``weights[a] * expert_{experts[a]}(hidden[local_rows[a]])`` to
         ``out[local_rows[a]]``. Each expert runs once over all its rows; unused experts cost nothing.
         """
-        out = torch.zeros_like(hidden)  # [R, D]
         if experts.numel() == 0:
-            return out
+            return torch.zeros_like(hidden)  # [R, D]
         held = len(self.index)
         local = self.index.to_local(experts)  # [A], held = not held here
         order, counts = group_by_expert(local, held + 1)  # [A], [E_held + 1]
         counts = counts.tolist()  # the one host sync per call: split sizes (and the not-held count)
         if counts[held]:
             self.index.refuse_missing(experts, local)
-        rows_by_expert = local_rows.to(hidden.device)[order].split(counts)  # E_held + 1 x [n]
-        weights_by_expert = weights.to(hidden.device)[order].split(counts)  # E_held + 1 x [n]
-        # Ascending expert order, adding into `out` in hidden's dtype: the same order of roundings
-        # as transformers' eager experts loop, so bf16 results match it too.
-        for e, (rows, w) in enumerate(zip(rows_by_expert[:held], weights_by_expert[:held], strict=True)):
-            if rows.numel() == 0:  # sizes come from `counts`: no sync
+        rows = local_rows.to(hidden.device)[order]  # [A] each assignment's row, expert-major
+        y = hidden.new_empty(rows.shape[0], hidden.shape[1], dtype=self.dtype)  # [A, D] outputs, in that order
+        start = 0
+        for e, (n, rows_e) in enumerate(zip(counts[:held], rows.split(counts)[:held], strict=True)):
+            if n == 0:  # sizes come from `counts`: no sync
                 continue
-            x = hidden[rows].to(self.dtype)  # [n, D]
-            gate, up = F.linear(x, self.gate_up[e]).chunk(2, dim=-1)  # [n, I], [n, I]
-            y = F.linear(F.silu(gate) * up, self.down[e])  # [n, D]
-            # The product follows torch promotion (float32 gate weights with bf16 experts multiply in
-            # float32), then rounds once to hidden's dtype, as transformers does.
-            out.index_add_(0, rows, (y * w[:, None]).to(out.dtype))  # [R, D]
-        return out
+            gate_up, down = self._weights[e]
+            # A gather of its own per expert, not a slice of one: float32 GEMMs may round differently on
+            # a differently aligned input, and shards must give the in-process bits.
+            x = hidden[rows_e].to(self.dtype)  # [n, D]
+            gate, up = linear(x, gate_up).chunk(2, dim=-1)  # [n, I], [n, I]
+            y[start : start + n] = linear(F.silu(gate) * up, down)  # [n, D]
+            start += n
+        # The product follows torch promotion (float32 gate weights with bf16 experts multiply in float32),
+        # then rounds once to hidden's dtype, as transformers does. index_add_ adds in index order, so each
+        # row sums its experts in ascending order, rounding in hidden's dtype after each: the same order of
+        # roundings as transformers' eager experts loop, so bf16 results match it bit for bit.
+        w = weights.to(hidden.device)[order]  # [A]
+        return torch.zeros_like(hidden).index_add_(0, rows, (y * w[:, None]).to(hidden.dtype))  # [R, D]
 
 
 class LocalExpertBackend:

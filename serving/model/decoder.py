@@ -189,6 +189,9 @@ def load_model(
     model.load_state_dict(state, assign=True, strict=True)
     model.rotary = model._rotary(cfg).to(device)  # rotary tables are buffers, not weights: rebuilt off meta
     model.eval().requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, MLAttention):
+            module.absorb()  # kv_b_proj into the layouts MLA's forward reads
     if prepack and can_prepack(dtype, torch.device(device)):
         tied = model.lm_head.weight is model.model.embed_tokens.weight  # packing it would keep a second copy
         prepack_linears(model, keep=(model.lm_head,) if tied else ())

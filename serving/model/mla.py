@@ -35,9 +35,21 @@ class MLAttention(nn.Module):
             self.q_b_proj = nn.Linear(mla.q_lora_rank, heads * qk, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(hidden, mla.kv_lora_rank + mla.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, eps)
-        # expands a latent to every head's key and value; absorbed in `forward`, never run as a layer
+        # expands a latent to every head's key and value: loaded under the checkpoints' name, then split by
+        # `absorb` into the two layouts `forward` multiplies with, and never run as a layer
         self.kv_b_proj = LinearWeight(mla.kv_lora_rank, heads * (mla.qk_nope_head_dim + mla.v_head_dim))
         self.o_proj = nn.Linear(heads * mla.v_head_dim, hidden, bias=bias)
+
+    def absorb(self) -> None:
+        """Once, after the weights are loaded: replace kv_b_proj [H*(N+V), R] by w_uk [H, N, R] and w_uv_t
+        [H, R, V], each contiguous, the layouts `forward`'s batched matmuls read without a copy. (Read from the
+        one weight, W_uv^T was copied on every call: 9% of a bench decode step at one sequence.) Memory stays
+        one copy."""
+        H, m = self.heads, self.mla
+        w = self.kv_b_proj.weight.view(H, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)  # [H, N+V, R]
+        self.w_uk = nn.Parameter(w[:, : m.qk_nope_head_dim].contiguous(), requires_grad=False)  # [H, N, R]
+        self.w_uv_t = nn.Parameter(w[:, m.qk_nope_head_dim :].transpose(1, 2).contiguous(), requires_grad=False)
+        del self.kv_b_proj
 
     def cache_shapes(self) -> list[tuple[int, ...]]:
         """Per-token row in the cache: the latent and the rotated shared key, side by side."""
@@ -62,12 +74,10 @@ class MLAttention(nn.Module):
         # query once per new token instead of decompressing every context token in every step. Likewise
         # the values: attend over latents, then apply W_uv once to the result. All heads then share
         # one key/value "head" (the latent), i.e. multi-query attention of width R+P.
-        w = self.kv_b_proj.weight.view(H, N + V, R)  # [H, N+V, R]
-        w_uk, w_uv = w[:, :N], w[:, N:]  # [H, N, R], [H, V, R]
-        q_latent = torch.einsum("thn,hnr->thr", q_nope, w_uk)  # [T, H, R]
+        q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # [T, H, R]
         queries = torch.cat([q_latent, q_rot], dim=-1)  # [T, H, R+P]
         out = meta.per_batch(queries, lambda rows, batch: self._attend(rows, batch, cache[0]))  # [T, H, R]
-        out = torch.einsum("thr,hvr->thv", out, w_uv)  # [T, H, V]
+        out = torch.bmm(out.transpose(0, 1), self.w_uv_t).transpose(0, 1)  # [T, H, V]
         return self.o_proj(out.reshape(T, H * V))  # [T, D]
 
     def _attend(self, q: Tensor, batch: AttentionBatch, cache: Tensor) -> Tensor:

@@ -22,7 +22,21 @@ AVX512-FP16, which CPUs of this kind lack. GPUs are untouched. A packed weight i
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def packed_weight(weight: Tensor) -> Tensor:
+    """A linear weight [out, in] reordered for oneDNN: an opaque tensor that only `linear` reads."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear(x, weight, bias)` for a plain weight or a `packed_weight`: [..., in] -> [..., out]."""
+    if not weight.is_mkldnn:
+        return F.linear(x, weight, bias)
+    # oneDNN reads the input as dense rows: a strided view must be copied first.
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
 
 
 class PackedLinear(nn.Module):
@@ -31,15 +45,14 @@ class PackedLinear(nn.Module):
     The packed weight is an opaque oneDNN tensor, not a parameter: it is not in `state_dict()` (the model
     is loaded before it is packed, and never saved after)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, layer: nn.Linear):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)  # [out, in], opaque
-        self.bias = None if linear.bias is None else linear.bias.detach()  # [out]
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.packed = packed_weight(layer.weight)  # [out, in], opaque
+        self.bias = None if layer.bias is None else layer.bias.detach()  # [out]
 
     def forward(self, x: Tensor) -> Tensor:
-        # [..., in] -> [..., out]. oneDNN reads the input as dense rows: a strided view must be copied first.
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
+        return linear(x, self.packed, self.bias)  # [..., in] -> [..., out]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

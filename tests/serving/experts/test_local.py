@@ -52,7 +52,7 @@ def test_one_matmul_pair_per_used_expert_and_unused_experts_cost_nothing(monkeyp
     weights, ids = random_routing(experts=[0, 2, 3, 4, 5, 7])
     calls = []
     real_linear = F.linear
-    monkeypatch.setattr(F, "linear", lambda x, w: calls.append(x.shape[0]) or real_linear(x, w))
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: calls.append(x.shape[0]) or real_linear(x, w, b))
     out = LocalExpertBackend({0: StackedExperts(gate_up, down, range(E))})(0, hidden, weights, ids)
     used = ids.unique()
     assert len(calls) == 2 * len(used)  # gate_up and down once per expert, not once per token
@@ -132,8 +132,28 @@ def test_nbytes():
     assert StackedExperts(gate_up, down, range(E)).nbytes == 2 * (E * 2 * I * D + E * D * I)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_transformers_eager_experts_bitwise(dtype):
+def test_packed_experts_give_the_same_bits_and_keep_no_stacks():
+    gate_up, down = random_experts(dtype=torch.bfloat16)
+    held = [1, 4, 6, 7]
+    plain = StackedExperts(gate_up[held], down[held], held)
+    packed = StackedExperts(gate_up[held], down[held], held, prepack=True)
+    assert (packed.nbytes, packed.dtype, packed.expert_ids.tolist()) == (plain.nbytes, torch.bfloat16, held)
+    gen = torch.Generator().manual_seed(6)
+    for rows in (1, 3, 40):
+        hidden = torch.randn(rows, D, generator=gen).to(torch.bfloat16)
+        local_rows = torch.arange(rows).repeat(2)  # [A] every row twice, as a shard's rows come
+        experts = torch.tensor(held)[torch.randint(0, len(held), (2 * rows,), generator=gen)]
+        weights = torch.rand(2 * rows, generator=gen)
+        assert torch.equal(packed.forward(hidden, local_rows, experts, weights),
+                           plain.forward(hidden, local_rows, experts, weights)), rows  # fmt: skip
+    with pytest.raises(AttributeError, match="packed"):
+        packed.gate_up  # noqa: B018
+    with pytest.raises(ValueError, match="bfloat16"):
+        StackedExperts(gate_up.float(), down.float(), range(E), prepack=True)
+
+
+@pytest.mark.parametrize("dtype, prepack", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_matches_transformers_eager_experts_bitwise(dtype, prepack):
     from transformers import MixtralConfig, Qwen2MoeConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts, MixtralTopKRouter
     from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeExperts, Qwen2MoeTopKRouter
@@ -157,7 +177,8 @@ def test_matches_transformers_eager_experts_bitwise(dtype):
         weights, ids = top_k_gate(logits, GateSpec(E, 2, renormalize=config is mixtral))
         if config is qwen:
             weights = weights.to(logits.dtype)  # Qwen/OLMoE round the weights to the logits dtype
-        backend = LocalExpertBackend({0: StackedExperts(hf_experts.gate_up_proj, hf_experts.down_proj, range(E))})
+        stacked = StackedExperts(hf_experts.gate_up_proj.detach(), hf_experts.down_proj.detach(), range(E), prepack)
+        backend = LocalExpertBackend({0: stacked})
         with torch.no_grad():
             out = backend(0, hidden, weights, ids)
         assert torch.equal(out, want), type(hf_experts).__name__
