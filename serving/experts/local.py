@@ -163,11 +163,12 @@ class StackedExperts:
             y[start : start + n] = linear(F.silu(gate) * up, down)  # [n, D]
             start += n
         # The product follows torch promotion (float32 gate weights with bf16 experts multiply in float32),
-        # then rounds once to hidden's dtype, as transformers does. index_add_ adds in index order, so each
-        # row sums its experts in ascending order, rounding in hidden's dtype after each: the same order of
-        # roundings as transformers' eager experts loop, so bf16 results match it bit for bit.
-        w = weights.to(hidden.device)[order]  # [A]
-        return torch.zeros_like(hidden).index_add_(0, rows, (y * w[:, None]).to(hidden.dtype))  # [R, D]
+        # then rounds once, as transformers does; in place, because a fresh [A, D] float32 temporary of a
+        # prefill chunk costs page faults on every call. index_add_ adds in index order, so each row sums its
+        # experts in ascending order, rounding in hidden's dtype after each: the same order of roundings as
+        # transformers' eager experts loop, so bf16 results match it bit for bit.
+        y.mul_(weights.to(hidden.device)[order, None])  # [A, D]
+        return torch.zeros_like(hidden).index_add_(0, rows, y.to(hidden.dtype))  # [R, D]
 
 
 class LocalExpertBackend:
