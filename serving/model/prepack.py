@@ -1,21 +1,22 @@
-"""Dense linears on weights packed once for oneDNN: bfloat16 GEMMs of few rows near memory speed on CPU.
+"""Linears on weights packed once for oneDNN: bfloat16 GEMMs of few rows near memory speed on CPU.
 
-    model, ckpt = load_model(path, torch.bfloat16, "cpu")   # load_model packs them itself
+    model, ckpt = load_model(path, torch.bfloat16, "cpu")   # load_model packs the dense linears itself
     prepack_linears(model)                                  # or by hand: every nn.Linear -> PackedLinear
+    y = linear(x, packed_weight(w))                         # one weight (the loop expert kernel's experts)
 
-Why: in bfloat16 on CPU, `F.linear` runs oneDNN on the weight as stored, every call; packing the weight into
-oneDNN's own layout once, at load, leaves each call only the GEMM. The results are the same bits (both are
-oneDNN's bf16 kernel with float32 accumulation; tests/serving/model/test_prepack.py checks it from 1 to 512
-rows). Measured on the CI machine (2 cores, AVX-512 BF16, torch 2.13), 2048 -> N:
+Why: `F.linear` in bfloat16 on CPU takes the weight as stored on every call; reordering it into oneDNN's
+own layout once, at load, makes each call faster and gives the same output bits (tests/serving/model/
+test_prepack.py checks 1 to 512 rows; we did not find F.linear documented to round this way, so the test is
+what holds it). Measured on the CI machine (2 cores, AVX-512 BF16, torch 2.13), 2048 -> N, ms per call:
 
     rows   N = 2048      N = 10944     N = 32000 (an LM head)
-    1      0.13 -> 0.05  1.20 -> 0.48  4.13 -> 2.28 ms
-    32     0.35 -> 0.27  2.30 -> 1.70  7.22 -> 5.14 ms
-    128    1.05 -> 0.98  7.01 -> 6.28  18.1 -> 16.3 ms
+    1      0.13 -> 0.05  1.20 -> 0.48  4.13 -> 2.28
+    32     0.35 -> 0.27  2.30 -> 1.70  7.22 -> 5.14
+    128    1.05 -> 0.98  7.01 -> 6.28  18.1 -> 16.3
 
 So a decode step, whose dense GEMMs have one row per sequence, gains most; a prefill chunk little.
 Applied from outside to a built model (as gpt-fast applies tensor parallelism), only on CPU in bfloat16:
-float32 goes through MKL, whose rounding oneDNN's packed path does not repeat, and float16 needs
+in float32 the packed path rounds differently from F.linear (~1e-6, measured), and float16 needs
 AVX512-FP16, which CPUs of this kind lack. GPUs are untouched. A packed weight is the only copy kept.
 """
 
