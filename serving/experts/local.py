@@ -163,8 +163,8 @@ class StackedExperts:
             y[start : start + n] = linear(F.silu(gate) * up, down)  # [n, D]
             start += n
         # The product follows torch promotion (float32 gate weights with bf16 experts multiply in float32),
-        # then rounds once, as transformers does; in place, because a fresh [A, D] float32 temporary of a
-        # prefill chunk costs page faults on every call. index_add_ adds in index order, so each row sums its
+        # then rounds once, as transformers does; in place, so no [A, D] float32 temporary is made (~25 MB for
+        # a 512-token chunk of the bench model). index_add_ adds in index order, so each row sums its
         # experts in ascending order, rounding in hidden's dtype after each: the same order of roundings as
         # transformers' eager experts loop, so bf16 results match it bit for bit.
         y.mul_(weights.to(hidden.device)[order, None])  # [A, D]
