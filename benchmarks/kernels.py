@@ -48,7 +48,12 @@ def random_layer(dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch
 
 
 def measure(
-    tokens: int, loop: LocalExpertBackend, unpacked: LocalExpertBackend, fused: VLLMFusedExperts, dtype, repeats: int
+    tokens: int,
+    loop: LocalExpertBackend,
+    unpacked: LocalExpertBackend,
+    fused: VLLMFusedExperts,
+    dtype: torch.dtype,
+    repeats: int,
 ) -> dict:
     """One row of the table: medians over `repeats` alternating runs at `tokens` tokens."""
     gen = torch.Generator().manual_seed(tokens)
