@@ -87,6 +87,8 @@ class RouterClient:
                     async for out in stream:
                         sent.extend(out.new_token_ids)
                         yield out
+                        if out.finished:  # complete: a router dying before its stream closes loses nothing
+                            return
                 return
             except StalePlacementError as e:
                 now = asyncio.get_running_loop().time()
