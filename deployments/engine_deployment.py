@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -27,6 +27,9 @@ from router.placement import LayeredPlacement
 from serving.engine_client import RequestOutput, SamplingParams, ServedEngine
 from serving.errors import RequestError
 from serving.expert_load import ExpertLoad
+
+if TYPE_CHECKING:
+    from serving.engine.llm_engine import LLMEngine
 
 
 class EngineFactory(Protocol):
@@ -56,8 +59,14 @@ class NativeEngineFactory:
     deployment_name: str = "Router"
 
     def build(self, replica: str) -> ServedEngine:
-        # Imported here: the Ingress process imports this module for the factory's type, never the model.
         from serving.engine.async_engine import AsyncEngine
+
+        # loaded on the engine thread, where it will run (serving/engine/async_engine.py says why)
+        return AsyncEngine(lambda: self._load(replica), name="router")
+
+    def _load(self, replica: str) -> LLMEngine:
+        """The replica's LLMEngine: the model's dense part, its experts (in process) or the shards' backend."""
+        # Imported here: the Ingress process imports this module for the factory's type, never the model.
         from serving.engine.llm_engine import LLMEngine
         from serving.experts.kernels import kernel_of
         from serving.experts.loading import load_experts
@@ -93,8 +102,7 @@ class NativeEngineFactory:
             rows = ShardRowsWindow(self.placement.num_shards, cfg.engine_config.expert_load_window_s)
             experts = ShardedExpertBackend(per_layer, transport, policy, sink, name, replica, rows)
         labels = {"model": name, "replica": replica}
-        engine = LLMEngine(model, experts, Tokenizer(cfg.model), cfg.engine_config, metrics=sink, metric_labels=labels)
-        return AsyncEngine(engine, name="router")
+        return LLMEngine(model, experts, Tokenizer(cfg.model), cfg.engine_config, metrics=sink, metric_labels=labels)
 
     def expert_placement(self) -> LayeredPlacement | None:
         return self.placement

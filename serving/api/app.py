@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP API as a FastAPI app around any engine client (no Ray here).
 
->>> engine = AsyncEngine(LLMEngine.from_pretrained("demo/"))
+>>> engine = AsyncEngine(lambda: LLMEngine.from_pretrained("demo/"))
 >>> app = build_api(engine, engine.engine.tokenizer, "demo", max_model_len=engine.engine.max_model_len,
 ...                 api_keys=load_api_keys())
 >>> uvicorn.run(app)            # or, in deployments/: @serve.ingress(app)

@@ -1,23 +1,32 @@
 """An asyncio front for LLMEngine: one background thread runs engine steps; each request gets an
 async stream of its outputs.
 
->>> engine = AsyncEngine(LLMEngine.from_pretrained("demo/"))
+>>> engine = AsyncEngine(lambda: LLMEngine.from_pretrained("demo/"))
 >>> async for out in engine.generate([1, 2, 3], SamplingParams(max_tokens=8)):
 ...     print(out.new_text, end="")
 
 Only the engine thread touches the LLMEngine; callers talk to it through a command queue, so a
 request is accepted or refused (RequestError, EngineOverloadedError) between two steps. Leaving the
 `async for` early (client gone, task cancelled) aborts the request and frees its cache.
+
+The engine is built on its own thread too (`build` runs there), so loading the weights (prepacking,
+the KV cache's fill) and every step run their parallel torch ops on one thread. Why: GNU OpenMP, which
+CPU torch uses, keeps a pool of worker threads per thread that ever ran a parallel region; with two
+pools there are more OpenMP threads than cores on a 2-core replica, and libgomp then lets idle workers
+spin only briefly, so every small op of a decode step wakes a sleeping worker. Measured on bench,
+batch 1, 2 threads: a decode step on a thread other than the loader's took 28-29 ms, on the loader's
+own thread 24-25 ms (benchmarks/README.md, Engines).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from serving.engine.llm_engine import LLMEngine
@@ -45,13 +54,17 @@ class _Add:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, name: str = "engine"):
-        self.engine = engine
+    def __init__(self, build: Callable[[], LLMEngine], name: str = "engine"):
+        """Start the engine thread, build the engine there (`build`), and return once it is built; if
+        building fails, its error is raised here and the thread ends."""
         self._commands: queue.Queue = queue.Queue()  # _Add | ("abort", id) | None (stop)
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
-        self._thread = threading.Thread(target=self._loop, name=f"{name}-loop", daemon=True)
+        self.engine: LLMEngine  # set on the engine thread, before `built` is
+        built: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, args=(build, built), name=f"{name}-loop", daemon=True)
         self._thread.start()
+        built.result()
 
     async def generate(
         self,
@@ -109,6 +122,15 @@ class AsyncEngine:
         return self.engine.max_model_len
 
     # -- engine thread ----------------------------------------------------------------------------
+
+    def _run(self, build: Callable[[], LLMEngine], built: concurrent.futures.Future) -> None:
+        try:
+            self.engine = build()
+        except BaseException as e:
+            built.set_exception(e)
+            return
+        built.set_result(None)
+        self._loop()
 
     def _loop(self) -> None:
         while True:

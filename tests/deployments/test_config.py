@@ -281,3 +281,15 @@ def test_explicit_placement_per_layer_is_what_a_rebalance_deploys(demo_dir):
         )
     with pytest.raises(PlacementError, match=r"explicit_placement: 1 layers of 2 shards, but the model has 2 MoE"):
         plan_placement(validate({**cfg.model_dump(), "explicit_placement": per_layer[:1]}))
+
+
+def test_a_router_with_cpu_shards_lets_its_idle_openmp_workers_sleep_and_one_without_keeps_them_spinning(demo_dir):
+    """deployments/app.py engine_env says why (measured); the variable must reach the Router's process."""
+
+    def router_env(**fields) -> dict:
+        router = build_app({"model": str(demo_dir), **fields})._bound_deployment.init_args[1]._bound_deployment
+        return router.ray_actor_options.get("runtime_env", {}).get("env_vars", {})
+
+    assert router_env(shards=2) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert router_env(shards=0) == {}
+    assert router_env(shards=2, accelerator="gpu") == {}

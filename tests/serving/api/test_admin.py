@@ -37,7 +37,7 @@ def fake_app(tokenizer_dir, source, **keys):
 
 def test_the_engines_window_counts_every_routed_token(demo_dir):
     engine = LLMEngine.from_pretrained(demo_dir, EngineConfig(kv_cache_mb=16, expert_load_window_s=30))
-    front = AsyncEngine(engine, name="admin-test")
+    front = AsyncEngine(lambda: engine, name="admin-test")
     try:
         app = build_api(front, engine.tokenizer, "demo", max_model_len=engine.max_model_len, expert_load=front)
         assert sum(map(sum, get(app).json()["load"])) == 0

@@ -30,7 +30,7 @@ JSON_HEADERS = {"content-type": "application/json"}
 def served(demo_dir):
     """(LLMEngine, AsyncEngine) shared by the module; the engine thread stops at teardown."""
     engine = LLMEngine.from_pretrained(demo_dir, CONFIG)
-    front = AsyncEngine(engine, name="api-test")
+    front = AsyncEngine(lambda: engine, name="api-test")
     yield engine, front
     front.shutdown()
 
@@ -402,7 +402,7 @@ def test_raw_body_errors(app):
 
 def test_overloaded_engine_answers_429_with_retry_after(demo_dir):
     engine = LLMEngine.from_pretrained(demo_dir, CONFIG.model_copy(update={"max_waiting": 0}))
-    front = AsyncEngine(engine, name="api-test-full")
+    front = AsyncEngine(lambda: engine, name="api-test-full")
     try:
         app = build_api(front, engine.tokenizer, MODEL, max_model_len=engine.max_model_len)
         for _ in range(2):  # refused, and the app keeps answering

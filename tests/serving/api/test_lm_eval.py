@@ -113,7 +113,7 @@ def task_dir(tmp_path_factory) -> Path:
 def server(demo_dir):
     """The real app around the real engine (its own thread), on uvicorn at http://127.0.0.1:<free port>."""
     engine = LLMEngine.from_pretrained(demo_dir, CONFIG)
-    front = AsyncEngine(engine, name="lm-eval-test")
+    front = AsyncEngine(lambda: engine, name="lm-eval-test")
     app = build_api(front, engine.tokenizer, MODEL, max_model_len=engine.max_model_len)
     try:
         with live_server(app) as url:

@@ -24,7 +24,7 @@ MAX_TOKENS = 8
 @pytest.fixture(scope="module")
 def served(demo_dir):
     engine = LLMEngine.from_pretrained(demo_dir, EngineConfig(kv_cache_mb=16))
-    front = AsyncEngine(engine, name="load-generator-bodies")
+    front = AsyncEngine(lambda: engine, name="load-generator-bodies")
     yield engine, front
     front.shutdown()
 

@@ -66,7 +66,7 @@ class NeverAnswers:
 @pytest.fixture(scope="module")
 def engine(demo_dir):
     llm = LLMEngine.from_pretrained(demo_dir, EngineConfig(kv_cache_mb=16))
-    front = AsyncEngine(llm, name="rag-test")
+    front = AsyncEngine(lambda: llm, name="rag-test")
     yield llm, front
     front.shutdown()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -19,7 +20,7 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 def engines(mixtral):
     model, experts = mixtral
     engine = LLMEngine(model, experts, None, EngineConfig())
-    front = AsyncEngine(engine)
+    front = AsyncEngine(lambda: engine)
     yield engine, front
     front.shutdown()
 
@@ -100,7 +101,7 @@ def test_streams_of_a_failed_step_get_its_error_and_the_others_complete(mixtral)
     model, experts = mixtral
     prompts = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
     want = LLMEngine(model, experts, None, EngineConfig()).generate_batch(prompts, GREEDY)
-    front = AsyncEngine(LLMEngine(model, FailingOnce(experts), None, EngineConfig(max_running=2)))
+    front = AsyncEngine(lambda: LLMEngine(model, FailingOnce(experts), None, EngineConfig(max_running=2)))
 
     async def collect(p):
         try:
@@ -127,3 +128,40 @@ def _drain(engine):
         for out in engine.step():
             tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
     return list(tokens.values())
+
+
+def test_the_engine_is_built_on_its_own_thread_and_a_failed_build_raises_to_the_caller(mixtral):
+    """Loading and stepping share one thread (one OpenMP pool: async_engine.py says why it matters)."""
+    model, experts = mixtral
+    built_on = []
+
+    def build():
+        built_on.append(threading.current_thread().name)
+        return LLMEngine(model, experts, None, EngineConfig())
+
+    front = AsyncEngine(build, name="built-here")
+    try:
+        stepped_on = []
+        front.engine.runner.run = _recording(front.engine.runner.run, stepped_on)
+
+        async def main():
+            return [t async for out in front.generate([1, 2, 3], GREEDY) for t in out.new_token_ids]
+
+        assert len(asyncio.run(main())) == GREEDY.max_tokens
+    finally:
+        front.shutdown()
+    assert built_on == ["built-here-loop"] and set(stepped_on) == {"built-here-loop"}
+
+    def broken():
+        raise ValueError("no checkpoint at /nowhere")
+
+    with pytest.raises(ValueError, match="no checkpoint at /nowhere"):
+        AsyncEngine(broken, name="broken")
+
+
+def _recording(fn, threads: list[str]):
+    def wrapped(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return fn(*args, **kwargs)
+
+    return wrapped
