@@ -8,6 +8,11 @@ The shards are deployed once with `transport: direct`, so they answer both Serve
 (random hidden states, the model's own gate rule) goes through the fused backend and the sharded backend on
 each transport, alternating; the table shows medians, sharded/fused per transport, and each transport's
 overhead of one hop (a 1-row call to one shard through the transport minus the same call in process).
+
+A second table times whole decode steps of an LLMEngine over the same shards, with and without two
+micro-batches in flight (`overlap_min_tokens`, serving/model/decoder.py forward_overlapped), on each transport,
+beside the same step with every expert in this process: `--batches` requests decoding together, `--steps`
+steps each, the engines taking turns step by step so that all see the same machine noise.
 """
 
 from __future__ import annotations
@@ -105,9 +110,54 @@ def measure(path: Path, name: str, args: argparse.Namespace, dtype: torch.dtype)
         print(f"{name:>6} T={tokens:<4} fused {ms['fused']:8.2f} ms  handles {ms['handles']:8.2f} ms  "
               f"direct {ms['direct']:8.2f} ms  hop {hop_ms['handles']:.2f} / {hop_ms['direct']:.2f} ms",
               flush=True)  # fmt: skip
+    steps = measure_steps(path, name, args, dtype, fused, {kind: (placement, t) for kind, t in transports.items()})
     transports["direct"].close()
     for i in range(placement.num_shards):
         serve.delete(f"shard{i}")
+    return rows, steps
+
+
+def measure_steps(path: Path, name: str, args: argparse.Namespace, dtype: torch.dtype, fused: LocalExpertBackend,
+                  transports: dict) -> list[dict]:  # fmt: skip
+    """Median decode step ms at each batch: experts in process, and sharded over each transport with and
+    without two micro-batches in flight (overlap_min_tokens=2: every step of two or more sequences splits)."""
+    from serving.engine.llm_engine import LLMEngine
+    from serving.engine_client import EngineConfig, SamplingParams
+    from serving.model.decoder import load_model
+
+    model, _ = load_model(path, dtype)
+    backends = {"fused": (fused, None)}
+    for kind, (placement, transport) in transports.items():
+        backends[kind] = (ShardedExpertBackend(placement, transport), None)
+        backends[f"{kind}, overlap"] = (ShardedExpertBackend(placement, transport), 2)
+    rows = []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        params = SamplingParams(max_tokens=args.steps + 2, temperature=0.0, ignore_eos=True)
+        engines = {}
+        for label, (backend, overlap) in backends.items():
+            config = EngineConfig(dtype=str(dtype).removeprefix("torch."), kv_cache_mb=256, max_running=batch,
+                                  overlap_min_tokens=overlap)  # fmt: skip
+            engine = LLMEngine(model, backend, None, config)
+            gen = torch.Generator().manual_seed(batch)  # the same prompts for every engine
+            for _ in range(batch):
+                engine.add_request(torch.randint(0, 1000, (16,), generator=gen).tolist(), params)
+            engine.step()  # the prefill of every request (16 x batch <= max_batched_tokens)
+            engine.step()  # one decode step to warm up
+            engines[label] = engine
+        times: dict[str, list[float]] = {label: [] for label in engines}
+        for _ in range(args.steps):
+            for label, engine in engines.items():
+                times[label] += timed(engine.step, 1)
+        ms = {label: statistics.median(v) * 1e3 for label, v in times.items()}
+        for engine in engines.values():
+            engine.runner.close()
+        for kind in transports:
+            rows.append(dict(model=name, batch=batch, transport=kind, fused_ms=round(ms["fused"], 1),
+                             sharded_ms=round(ms[kind], 1), overlap_ms=round(ms[f"{kind}, overlap"], 1),
+                             sharded_ratio=round(ms[kind] / ms["fused"], 2),
+                             overlap_ratio=round(ms[f"{kind}, overlap"] / ms[kind], 2)))  # fmt: skip
+            print(f"{name:>6} batch={batch:<3} {kind:<8} fused {ms['fused']:7.1f} ms  sharded {ms[kind]:7.1f} ms  "
+                  f"overlap {ms[f'{kind}, overlap']:7.1f} ms", flush=True)  # fmt: skip
     return rows
 
 
@@ -117,6 +167,8 @@ def main() -> None:
     parser.add_argument("--tokens", default="16,64,256")
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--batches", default="8,32", help="decoding sequences of the step table (at most 32)")
+    parser.add_argument("--steps", type=int, default=12, help="decode steps timed per engine in the step table")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "moe-serve-bench"))
     parser.add_argument("--out", default="benchmarks/results")
@@ -128,10 +180,11 @@ def main() -> None:
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     ray.init(num_cpus=8, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
     dtype = getattr(torch, args.dtype)
-    rows = []
+    rows, step_rows = [], []
     try:
         for name in args.models.split(","):
-            rows += measure(build_checkpoint(name, Path(args.cache_dir)), name, args, dtype)
+            layer_rows, steps = measure(build_checkpoint(name, Path(args.cache_dir)), name, args, dtype)
+            rows, step_rows = rows + layer_rows, step_rows + steps
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -142,6 +195,10 @@ def main() -> None:
                "direct / fused": "direct_ratio", "hop handles ms": "hop_handles_ms",
                "hop direct ms": "hop_direct_ms"}  # fmt: skip
     write_report(args.out, "dispatch", meta, rows, columns)
+    columns = {"model": "model", "batch": "batch", "transport": "transport", "fused step ms": "fused_ms",
+               "sharded step ms": "sharded_ms", "overlap step ms": "overlap_ms", "sharded / fused": "sharded_ratio",
+               "overlap / sharded": "overlap_ratio"}  # fmt: skip
+    write_report(args.out, "dispatch_steps", meta | {"batches": args.batches, "steps": args.steps}, step_rows, columns)
 
 
 if __name__ == "__main__":
