@@ -110,7 +110,7 @@ def measure(path: Path, name: str, args: argparse.Namespace, dtype: torch.dtype)
         print(f"{name:>6} T={tokens:<4} fused {ms['fused']:8.2f} ms  handles {ms['handles']:8.2f} ms  "
               f"direct {ms['direct']:8.2f} ms  hop {hop_ms['handles']:.2f} / {hop_ms['direct']:.2f} ms",
               flush=True)  # fmt: skip
-    steps = measure_steps(path, name, args, dtype, fused, {kind: (placement, t) for kind, t in transports.items()})
+    steps = measure_steps(path, name, args, dtype, fused, placement, transports)
     transports["direct"].close()
     for i in range(placement.num_shards):
         serve.delete(f"shard{i}")
@@ -118,7 +118,7 @@ def measure(path: Path, name: str, args: argparse.Namespace, dtype: torch.dtype)
 
 
 def measure_steps(path: Path, name: str, args: argparse.Namespace, dtype: torch.dtype, fused: LocalExpertBackend,
-                  transports: dict) -> list[dict]:  # fmt: skip
+                  placement: Placement, transports: dict) -> list[dict]:  # fmt: skip
     """Median decode step ms at each batch: experts in process, and sharded over each transport with and
     without two micro-batches in flight (overlap_min_tokens=2: every step of two or more sequences splits)."""
     from serving.engine.llm_engine import LLMEngine
@@ -127,7 +127,7 @@ def measure_steps(path: Path, name: str, args: argparse.Namespace, dtype: torch.
 
     model, _ = load_model(path, dtype)
     backends = {"fused": (fused, None)}
-    for kind, (placement, transport) in transports.items():
+    for kind, transport in transports.items():
         backends[kind] = (ShardedExpertBackend(placement, transport), None)
         backends[f"{kind}, overlap"] = (ShardedExpertBackend(placement, transport), 2)
     rows = []

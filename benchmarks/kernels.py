@@ -27,6 +27,7 @@ from benchmarks.report import machine_meta, write_report
 from router.dispatch import flatten
 from router.gate import GateSpec, top_k_gate
 from serving.experts.fused import VLLMFusedExperts
+from serving.experts.kernels import build_layer_experts
 from serving.experts.local import LocalExpertBackend, StackedExperts
 from serving.model.prepack import can_prepack
 
@@ -100,8 +101,8 @@ def main() -> None:
 
     gate_up, down = random_layer(dtype)
     unpacked = LocalExpertBackend({0: StackedExperts(gate_up, down, range(EXPERTS))})
-    prepack = can_prepack(dtype, torch.device("cpu"))  # as load_experts decides for the loop kernel
-    loop = LocalExpertBackend({0: StackedExperts(gate_up, down, range(EXPERTS), prepack)}) if prepack else unpacked
+    loop = LocalExpertBackend({0: build_layer_experts("loop", gate_up, down, list(range(EXPERTS)))})  # as served
+    prepack = can_prepack(dtype, torch.device("cpu"))  # for the record: whether `loop` packed its weights
     fused = VLLMFusedExperts(StackedExperts(gate_up, down, range(EXPERTS)))  # packs a copy
     with torch.inference_mode():
         rows = [measure(t, loop, unpacked, fused, dtype, args.repeats) for t in map(int, args.tokens.split(","))]
