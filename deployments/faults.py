@@ -34,8 +34,8 @@ def _ask_replicas(app: str, deployment: str, fn) -> list:
     answers = []
     for actor in ray.util.list_named_actors(all_namespaces=True):
         if actor["namespace"] == SERVE_NAMESPACE and actor["name"].startswith(f"SERVE_REPLICA::{app}#{deployment}#"):
-            handle = ray.get_actor(actor["name"], namespace=SERVE_NAMESPACE)
-            try:
+            try:  # the actor may die between the listing and the lookup: a removed node takes it at any time
+                handle = ray.get_actor(actor["name"], namespace=SERVE_NAMESPACE)
                 answers.append(ray.get(handle.__ray_call__.remote(fn), timeout=10))
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ValueError):
                 continue  # dead or dying already
