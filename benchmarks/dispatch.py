@@ -3,8 +3,10 @@
 
     python -m benchmarks.dispatch [--models bench,demo] [--tokens 16,64,256] [--shards 2] [--repeats 15]
 
-The shards are deployed once with `transport: direct`, so they answer both Serve handle calls
-(`transport: handles`) and direct TCP calls (`transport: direct`). For each token count the same gate output
+The shards are deployed once with `transport: direct` and `direct_rows: collective`, so they answer Serve
+handle calls (`transport: handles`), direct TCP calls with the rows in the frames (`direct`, what CPU replicas
+use) and direct calls with the rows on a gloo row channel (`channels`: the code path GPU replicas take with
+NCCL, run here on the CPU). For each token count the same gate output
 (random hidden states, the model's own gate rule) goes through the fused backend and the sharded backend on
 each transport, alternating; the table shows medians, sharded/fused per transport, and each transport's
 overhead of one hop (a 1-row call to one shard through the transport minus the same call in process).
@@ -54,7 +56,8 @@ def deploy_shards(path: Path, placement: Placement, dtype: str):
     handles = []
     for i in range(placement.num_shards):
         app = ExpertShard.options(name=f"ExpertShard-{i}", ray_actor_options={"num_cpus": 0.5})
-        bound = app.bind(str(path), i, list(placement.experts_of(i)), {"dtype": dtype}, "cpu", transport="direct")
+        bound = app.bind(str(path), i, list(placement.experts_of(i)), {"dtype": dtype}, "cpu", transport="direct",
+                         direct_rows="collective")  # fmt: skip
         handles.append(serve.run(bound, name=f"shard{i}", route_prefix=None))
     return handles
 
@@ -73,8 +76,10 @@ def measure(path: Path, name: str, args: argparse.Namespace, dtype: torch.dtype)
     handles = deploy_shards(path, placement, args.dtype)
     transports = {"handles": HandleTransport(handles)}
     transports["direct"] = DirectTransport(transports["handles"], serve_discovery(handles), len(handles))
-    while not all(transports["direct"].endpoints(s) for s in range(len(handles))):
-        time.sleep(0.1)  # its first discovery round
+    transports["channels"] = DirectTransport(transports["handles"], serve_discovery(handles), len(handles),
+                                             row_device=torch.device("cpu"))  # fmt: skip
+    while not all(transports[k].endpoints(s) for k in ("direct", "channels") for s in range(len(handles))):
+        time.sleep(0.1)  # their first discovery round
     sharded = {name: ShardedExpertBackend(placement, t) for name, t in transports.items()}
 
     # One hop: a 1-row call to shard 0 through each transport, minus the same call in process.
@@ -101,17 +106,16 @@ def measure(path: Path, name: str, args: argparse.Namespace, dtype: torch.dtype)
             for kind, backend in sharded.items():
                 times[kind] += timed(lambda b=backend: b(*step), 1)  # noqa: B023
         ms = {kind: statistics.median(v) * 1e3 for kind, v in times.items()}
-        rows.append(dict(model=name, tokens=tokens, shards=args.shards, fused_ms=round(ms["fused"], 2),
-                         handles_ms=round(ms["handles"], 2), direct_ms=round(ms["direct"], 2),
-                         handles_ratio=round(ms["handles"] / ms["fused"], 2),
-                         direct_ratio=round(ms["direct"] / ms["fused"], 2),
-                         hop_handles_ms=round(hop_ms["handles"], 2),
-                         hop_direct_ms=round(hop_ms["direct"], 2)))  # fmt: skip
-        print(f"{name:>6} T={tokens:<4} fused {ms['fused']:8.2f} ms  handles {ms['handles']:8.2f} ms  "
-              f"direct {ms['direct']:8.2f} ms  hop {hop_ms['handles']:.2f} / {hop_ms['direct']:.2f} ms",
-              flush=True)  # fmt: skip
+        row = dict(model=name, tokens=tokens, shards=args.shards, fused_ms=round(ms["fused"], 2))
+        for kind in transports:
+            row |= {f"{kind}_ms": round(ms[kind], 2), f"{kind}_ratio": round(ms[kind] / ms["fused"], 2),
+                    f"hop_{kind}_ms": round(hop_ms[kind], 2)}  # fmt: skip
+        rows.append(row)
+        each = "  ".join(f"{kind} {ms[kind]:8.2f} ms (hop {hop_ms[kind]:.2f})" for kind in transports)
+        print(f"{name:>6} T={tokens:<4} fused {ms['fused']:8.2f} ms  {each}", flush=True)
     steps = measure_steps(path, name, args, dtype, fused, placement, transports)
     transports["direct"].close()
+    transports["channels"].close()
     for i in range(placement.num_shards):
         serve.delete(f"shard{i}")
     return rows, steps
@@ -189,11 +193,12 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
 
-    meta = machine_meta(dtype=args.dtype, repeats=args.repeats, transports="handles,direct")
-    columns = {"model": "model", "tokens/step": "tokens", "shards": "shards", "fused ms": "fused_ms",
-               "handles ms": "handles_ms", "direct ms": "direct_ms", "handles / fused": "handles_ratio",
-               "direct / fused": "direct_ratio", "hop handles ms": "hop_handles_ms",
-               "hop direct ms": "hop_direct_ms"}  # fmt: skip
+    kinds = ("handles", "direct", "channels")
+    meta = machine_meta(dtype=args.dtype, repeats=args.repeats, transports=",".join(kinds))
+    columns = {"model": "model", "tokens/step": "tokens", "shards": "shards", "fused ms": "fused_ms"}
+    columns |= {f"{kind} ms": f"{kind}_ms" for kind in kinds}
+    columns |= {f"{kind} / fused": f"{kind}_ratio" for kind in kinds}
+    columns |= {f"hop {kind} ms": f"hop_{kind}_ms" for kind in kinds}
     write_report(args.out, "dispatch", meta, rows, columns)
     columns = {"model": "model", "batch": "batch", "transport": "transport", "fused step ms": "fused_ms",
                "sharded step ms": "sharded_ms", "overlap step ms": "overlap_ms", "sharded / fused": "sharded_ratio",

@@ -138,6 +138,7 @@ def _native_engine(cfg: AppConfig, config: dict) -> EngineFactory:
             model_name=cfg.model_name,
             router_wait_s=cfg.failover.router_wait_s,
             transport=cfg.transport,
+            direct_rows=cfg.direct_rows,
         )
         for i in range(placement.num_shards if placement else 0)
     ]

@@ -18,7 +18,7 @@ from serving.vllm_engine import VLLMOptions
 # Fields that only the native engine reads (expert shards); with engine: vllm setting one is an error.
 NATIVE_ONLY = (
     "shards", "shard_replicas", "shard_autoscaling", "placement", "explicit_placement", "placement_file",
-    "shard_resources", "rebalance", "transport",
+    "shard_resources", "rebalance", "transport", "direct_rows",
 )  # fmt: skip
 
 
@@ -367,6 +367,13 @@ class AppConfig(BaseModel):
         "direct, over a TCP stream to each shard replica's own port (~1 ms, benchmarks/dispatch.py), Serve handles "
         "only where no replica's port is known yet (docs/architecture.md, 'Shard transports').",
     )
+    direct_rows: Literal["auto", "frames", "collective"] = Field(
+        "auto",
+        description="How transport: direct moves a call's rows: frames, as host bytes in the call's frame on the TCP "
+        "stream; collective, device to device on a two-rank torch.distributed group per stream (NCCL between GPUs, "
+        "gloo on CPUs), the frame only describing them; auto, collective where router and shard compute on CUDA "
+        "(no host copy each way), frames otherwise (docs/architecture.md, 'Shard transports').",
+    )
     routers: int = Field(
         1, ge=1, description="Router replicas (dense layers, gate, KV cache; they share the shards), or vLLM replicas."
     )
@@ -413,6 +420,15 @@ class AppConfig(BaseModel):
             if len(shards) != self.shards:
                 where = f"explicit_placement[{i}]" if self.explicit_per_layer else "explicit_placement"
                 raise ValueError(f"{where} lists {len(shards)} shards but shards={self.shards}")
+        return self
+
+    @model_validator(mode="after")
+    def _rows_need_the_direct_transport(self) -> AppConfig:
+        if self.direct_rows != "auto" and self.transport != "direct":
+            raise ValueError(
+                f"direct_rows: {self.direct_rows} with transport: {self.transport}: it says how the direct transport "
+                "moves rows (Serve handles pickle them); set transport: direct or remove direct_rows"
+            )
         return self
 
     @model_validator(mode="after")

@@ -14,6 +14,11 @@ A call goes to a replica of the version this router sends (round-robin over them
 computes rows with another placement's experts. A shard none of whose replicas is known yet (just started, or
 every known one failed) is called through its Serve handle, exactly as with `transport: handles`.
 
+Rows on a channel (`direct_rows`, serving/experts/row_channel.py): given a `row_device`, a stream to a
+replica that hosts a channel store also joins a two-rank group with it, and the rows go device to device
+(NCCL between GPUs, gloo on CPUs) while the frames on the stream only describe them. `auto` picks that
+between CUDA devices, where it saves a host round trip each way per call; on CPUs the frame is cheaper.
+
 The guarantees of the handle transport hold, with the same reasons (serving/experts/sharded.py retries):
 - a replica that dies closes its streams (the kernel does it for a killed process): the call is
   ShardFailure("gone") at once, that replica is dropped, and the retry goes to another one or the handle;
@@ -31,15 +36,18 @@ import selectors
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from ray.serve.handle import DeploymentHandle
 from torch import Tensor
 
 from deployments.transport import next_deadline, overdue
+from serving.experts.row_channel import ROUTER_RANK, ChannelStore, RowChannel
 from serving.experts.sharded import ShardCall, ShardFailure, ShardTransport
-from serving.experts.wire import WireError, encode_call, read_frame
+from serving.experts.wire import WireError, encode, encode_call, read_frame
 from serving.metrics import DISPATCH, SHARD_CALLS, SHARD_HEDGES, SHARD_TIMEOUTS, MetricsSink, NullSink
 
 log = logging.getLogger(__name__)
@@ -60,6 +68,7 @@ class Endpoint:
     host: str
     port: int
     version: str | None = None
+    store_port: int | None = None  # its row channels' store (None: rows only in frames)
 
 
 Discover = Callable[[int], list[Endpoint]]  # shard id -> the endpoints of its replicas up now
@@ -77,15 +86,27 @@ def serve_discovery(handles: list[DeploymentHandle]) -> Discover:
 
 
 class _Conn:
-    """One open stream to one replica."""
+    """One open stream to one replica, and its row channel when rows go device to device."""
 
-    def __init__(self, shard: int, endpoint: Endpoint):
+    def __init__(self, shard: int, endpoint: Endpoint, row_device: torch.device | None, channel_timeout_s: float):
         self.shard, self.endpoint = shard, endpoint
         self.sock = socket.create_connection((endpoint.host, endpoint.port), timeout=CONNECT_TIMEOUT_S)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.channel: RowChannel | None = None
+        if row_device is not None and endpoint.store_port is not None:
+            try:
+                key = uuid.uuid4().hex
+                self.sock.sendall(encode({"hello": key}, []))  # the replica joins the group under this key
+                store = ChannelStore.client_of(endpoint.host, endpoint.store_port, CONNECT_TIMEOUT_S)
+                self.channel = RowChannel.open(store, key, ROUTER_RANK, row_device, channel_timeout_s)
+            except Exception:
+                self.sock.close()
+                raise
 
     def close(self) -> None:
         self.sock.close()
+        if self.channel is not None:
+            self.channel.close()
 
 
 @dataclass
@@ -96,6 +117,7 @@ class _Call:
     attempts: dict = field(default_factory=dict)  # request id -> _Conn it went on
     tried: set = field(default_factory=set)  # replicas tried (a hedge goes elsewhere)
     hedged: bool = False
+    sends: dict = field(default_factory=dict)  # request id -> its row channel sends, kept until answered
 
 
 class DirectTransport:
@@ -110,9 +132,12 @@ class DirectTransport:
         hedge_after_s: float | None = None,
         versions: list[str] | None = None,
         refresh_s: float = 1.0,
+        row_device: torch.device | None = None,
     ):
-        """fallback: the transport for shards with no known replica (HandleTransport on the same shards)."""
+        """fallback: the transport for shards with no known replica (HandleTransport on the same shards).
+        row_device: send rows on row channels from this device to replicas that take them (None: in frames)."""
         self.fallback, self.discover, self.num_shards = fallback, discover, num_shards
+        self.row_device = row_device
         self.metrics, self.model = metrics or NullSink(), model
         self.call_timeout_s, self.hedge_after_s = call_timeout_s, hedge_after_s
         self.versions, self.refresh_s = versions, refresh_s
@@ -151,17 +176,17 @@ class DirectTransport:
     # ---- calls (engine thread) ----
 
     def run(self, layer: int, calls: dict[int, ShardCall]) -> dict[int, Tensor | ShardFailure]:
-        # Device -> host before sending (the frame carries host bytes), one copy per shard call; the shard
-        # moves the rows to its device on arrival.
+        # Rows in frames: device -> host before sending, one copy per shard call (the shard moves them to its
+        # device on arrival). On row channels they stay on row_device. Handles pickle host tensors.
         now = time.perf_counter()
         open_calls: dict[int, _Call] = {}
         by_handle: dict[int, ShardCall] = {}
         for shard, call in calls.items():
-            c = _Call(shard, call.to("cpu"), now)
+            c = _Call(shard, call.to(self.row_device or "cpu"), now)
             if self._send(c, layer):
                 open_calls[shard] = c
             else:
-                by_handle[shard] = c.call
+                by_handle[shard] = c.call.to("cpu")
         # The handle calls run while the direct ones are in flight: their answers wait in the socket buffers.
         results = self.fallback.run(layer, by_handle) if by_handle else {}
         while open_calls.keys() - results.keys():
@@ -185,8 +210,12 @@ class DirectTransport:
             try:
                 conn = self._conn(c.shard, endpoint)
                 conn.sock.settimeout(self.call_timeout_s)  # a read left its own, shorter timeout on the socket
-                conn.sock.sendall(encode_call(request_id, layer, version, c.call))
-            except OSError as e:
+                if conn.channel is None:  # no-op copies where the rows are on the host already
+                    conn.sock.sendall(encode_call(request_id, layer, version, c.call.to("cpu")))
+                else:
+                    conn.sock.sendall(encode_call(request_id, layer, version, c.call, on_channel=True))
+                    c.sends[request_id] = conn.channel.send(c.call.parts())
+            except (OSError, RuntimeError) as e:  # RuntimeError: a row channel that would not open or broke
                 self._drop(c.shard, endpoint.replica, f"send failed: {e}")
                 continue
             c.attempts[request_id] = conn
@@ -199,7 +228,7 @@ class DirectTransport:
         if conn is None or conn.endpoint != endpoint:
             if conn is not None:
                 conn.close()
-            conn = self._conns[endpoint.replica] = _Conn(shard, endpoint)
+            conn = self._conns[endpoint.replica] = _Conn(shard, endpoint, self.row_device, self.call_timeout_s)
         return conn
 
     def _drop(self, shard: int, replica: str, why: str) -> None:
@@ -229,7 +258,7 @@ class DirectTransport:
             return
         try:
             conn.sock.settimeout(max(c.sent_at + self.call_timeout_s - time.perf_counter(), 0.001))
-            frame = read_frame(conn.sock)
+            frame = read_frame(conn.sock, conn.channel)
         except (OSError, WireError) as e:  # the replica died, or hung mid-answer past the call's deadline
             reason = "timeout" if isinstance(e, TimeoutError) else "gone"
             self._fail_stream(conn, open_calls, results, reason, f"replica {conn.endpoint.replica}: {e}")
@@ -239,6 +268,8 @@ class DirectTransport:
         if owner is None or owner.shard in results:  # a hedge that lost, answering late: not needed
             return
         del owner.attempts[request_id]
+        for work, _ in owner.sends.pop(request_id, []):  # answered, so its rows arrived: this returns at once
+            work.wait()
         status = frame.header.get("status")
         if status == "ok":
             results[owner.shard] = frame.tensors[0]

@@ -71,6 +71,7 @@ class NativeEngineFactory:
         from serving.experts.kernels import kernel_of
         from serving.experts.loading import load_experts
         from serving.experts.local import LocalExpertBackend
+        from serving.experts.row_channel import rows_on_channel
         from serving.experts.shard_rows import ShardRowsWindow
         from serving.experts.sharded import RetryPolicy, ShardedExpertBackend
         from serving.metrics import EXPERT_KERNEL
@@ -95,8 +96,9 @@ class NativeEngineFactory:
             transport = HandleTransport(self.shards, sink, name, *timeouts, self.shard_versions())
             if cfg.transport == "direct":  # the handles stay, for shards whose replicas' ports are not known yet
                 discover = serve_discovery(self.shards)
+                row_device = device if rows_on_channel(cfg.direct_rows, device) else None
                 transport = DirectTransport(transport, discover, len(self.shards), sink, name, *timeouts,
-                                            self.shard_versions())  # fmt: skip
+                                            self.shard_versions(), row_device=row_device)  # fmt: skip
             policy = RetryPolicy(wait_s=failover.shard_wait_s)
             per_layer = dict(zip(model.config.moe_layer_ids, self.placement.layers, strict=True))
             rows = ShardRowsWindow(self.placement.num_shards, cfg.engine_config.expert_load_window_s)

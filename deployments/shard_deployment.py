@@ -32,6 +32,7 @@ from serving.engine_client import EngineConfig
 from serving.errors import StalePlacementError
 from serving.experts.kernels import kernel_of
 from serving.experts.loading import load_experts
+from serving.experts.row_channel import rows_on_channel
 from serving.experts.shard_server import ShardServer
 from serving.experts.sharded import ShardCall, run_shard_call, shard_version
 from serving.metrics import EXPERT_KERNEL
@@ -55,12 +56,14 @@ class ExpertShard:
         model_name: str | None = None,
         router_wait_s: float | None = None,
         transport: str = "handles",
+        direct_rows: str = "auto",
     ):
         """expert_ids: the experts it holds in every MoE layer, or one list per MoE layer in model order.
         router_wait_s: how long to wait for a router of this version before reporting ready (the app sets
         failover.router_wait_s); None: ready at once (shards deployed on their own, as in benchmarks).
         transport: "direct" also answers calls on a TCP port of this node (ShardServer; the routers learn it
-        from `direct_endpoint`); "handles": Serve handle calls only."""
+        from `direct_endpoint`); "handles": Serve handle calls only. direct_rows: whether that port also takes
+        row channels, the rows then landing on this replica's device (serving/experts/row_channel.py)."""
         cfg = ModelConfig.from_pretrained(model_path)
         per_layer = (
             expert_ids if expert_ids and isinstance(expert_ids[0], list) else [expert_ids] * len(cfg.moe_layer_ids)
@@ -85,7 +88,10 @@ class ExpertShard:
         labels = {"model": model_name or Path(model_path).name, "kernel": self.kernel}
         RaySink().record(EXPERT_KERNEL, 1, labels)
         # Started before the wait below: a new router of this version may call as soon as it learns the port.
-        self.server = ShardServer(self.run, ray.util.get_node_ip_address()) if transport == "direct" else None
+        self.server = None
+        if transport == "direct":
+            channel_device = self.device if rows_on_channel(direct_rows, self.device) else None
+            self.server = ShardServer(self.compute, ray.util.get_node_ip_address(), channel_device=channel_device)
         if router_wait_s is not None:
             await self._wait_for_a_router_of_this_version(router_wait_s)
 
@@ -106,17 +112,21 @@ class ExpertShard:
         log.warning("ExpertShard-%d: no router of version %s within %.0f s; ready anyway", self.shard_id,
                     self.version, wait_s)  # fmt: skip
 
-    @torch.inference_mode()  # here, not in __init__: grad mode is per thread, and Serve may call from another
     def run(self, layer: int, call: ShardCall, version: str | None = None) -> Tensor:
-        """Weighted partial sums [R_s, D] of this shard's experts over the rows it was sent, on the host.
+        """A call through a Serve handle: `compute`, its result device -> host (Serve pickles it back)."""
+        return self.compute(layer, call, version).cpu()
+
+    @torch.inference_mode()  # here, not in __init__: grad mode is per thread, and Serve may call from another
+    def compute(self, layer: int, call: ShardCall, version: str | None = None) -> Tensor:
+        """Weighted partial sums [R_s, D] of this shard's experts over the rows it was sent, on its device.
         `version`: the router's shard_version for this shard; another one is refused (StalePlacementError)."""
         if version is not None and version != self.version:
             raise StalePlacementError(
                 f"ExpertShard-{self.shard_id} (version {self.version}, experts {self.expert_ids}) got a call for "
                 f"version {version}: the router and this replica are of different app versions"
             )
-        # Host -> device on arrival, device -> host for the reply (Serve pickles it back to the router).
-        out = run_shard_call(self.layers, layer, call.to(self.device)).cpu()
+        # Host -> device on arrival (a no-op for rows that came on a row channel: they are there already).
+        out = run_shard_call(self.layers, layer, call.to(self.device))
         self.rows.add(call.experts.numel())  # one expert row per (row, expert) assignment
         return out
 
@@ -129,7 +139,9 @@ class ExpertShard:
         """Where this replica answers direct calls (deployments/direct_transport.py, Endpoint)."""
         if self.server is None:
             raise RuntimeError(f"ExpertShard-{self.shard_id} was deployed with transport: handles")
-        return {"replica": self.replica, "host": self.server.host, "port": self.server.port, "version": self.version}
+        server = self.server
+        return {"replica": self.replica, "host": server.host, "port": server.port, "version": self.version,
+                "store_port": server.store_port}  # fmt: skip
 
     def __del__(self) -> None:
         # Serve calls this when it stops the replica: routers' streams end, and their calls fail over at once.
@@ -152,4 +164,5 @@ class ExpertShard:
             "version": self.version,
             "replica": self.replica,
             "expert_rows": self.rows.total,  # computed by this replica since it started
+            "row_channels": self.server.channels_opened if self.server else 0,  # opened by routers (direct_rows)
         }

@@ -67,9 +67,13 @@ class ShardCall:
     experts: Tensor  # [A_s] int64 global expert ids, all held by the shard
     weights: Tensor  # [A_s] gate weights
 
+    def parts(self) -> list[Tensor]:
+        """Its tensors in field order (how the wire and a row channel carry them)."""
+        return [self.hidden, self.local_rows, self.experts, self.weights]
+
     def to(self, device: torch.device | str) -> ShardCall:
         """The same call with every tensor on `device` (a no-op where they are already)."""
-        return ShardCall(*(t.to(device) for t in (self.hidden, self.local_rows, self.experts, self.weights)))
+        return ShardCall(*(t.to(device) for t in self.parts()))
 
 
 @dataclass(frozen=True)

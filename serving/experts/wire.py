@@ -6,6 +6,10 @@ A frame is a fixed prefix, a JSON header and a body of raw tensor bytes:
     header  {"id": n, ..., "tensors": [[dtype, shape, offset], ...]}
     body    each tensor's bytes at its offset, offsets aligned to ALIGN bytes
 
+or, on a stream with a row channel (`direct_rows: collective`, serving/experts/row_channel.py), a header
+whose tensors have offset null and an empty body: the tensors follow on the channel, in the header's order,
+device to device.
+
 A call's header has "layer" and "version" (the router's shard_version, or null) and four tensors
 (ShardCall: hidden, local_rows, experts, weights); an answer's header has "status": "ok" with one
 tensor (the partial sums), "stale" (the replica is of another app version) or "error" (the shard's own
@@ -13,7 +17,8 @@ code raised), those two with a "detail". No pickle: a frame carries only numbers
 other side compute experts and nothing else.
 
 Copies: sending joins the prefix, header and tensor bytes into one buffer (one copy of the rows, then one
-`sendall`); receiving reads the body into one bytearray and the tensors are views into it (no copy).
+`sendall`); receiving reads the body into one bytearray and the tensors are views into it (no copy). On a
+channel the frame holds no tensor bytes at all.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from serving.experts.row_channel import RowChannel
 from serving.experts.sharded import ShardCall
 
 PREFIX = struct.Struct("<IQ")
@@ -44,15 +50,19 @@ class Frame:
     tensors: list[Tensor]
 
 
-def encode(header: dict, tensors: list[Tensor]) -> bytes:
-    """One frame: `header` (JSON-serialisable, without "tensors") and the tensors' bytes (CPU tensors)."""
+def encode(header: dict, tensors: list[Tensor], on_channel: bool = False) -> bytes:
+    """One frame: `header` (JSON-serialisable, without "tensors") and the tensors' bytes (CPU tensors), or
+    with `on_channel` only their dtypes and shapes (the sender then sends them on the stream's RowChannel)."""
     parts, described, offset = [], [], 0
     for t in tensors:
-        if t.device.type != "cpu":
-            raise ValueError(f"wire: tensors go over the wire from the host, not {t.device}")
         name = str(t.dtype).removeprefix("torch.")
         if name not in DTYPES:
             raise ValueError(f"wire: dtype {t.dtype} is not one of {sorted(DTYPES)}")
+        if on_channel:
+            described.append([name, list(t.shape), None])
+            continue
+        if t.device.type != "cpu":
+            raise ValueError(f"wire: tensors go over the wire from the host, not {t.device}")
         raw = t.contiguous().view(-1).view(torch.uint8).numpy() if t.numel() else b""  # a view, no copy yet
         pad = -offset % ALIGN
         parts += [b"\0" * pad, raw]
@@ -63,16 +73,27 @@ def encode(header: dict, tensors: list[Tensor]) -> bytes:
     return b"".join([PREFIX.pack(len(head), offset), head, *parts])
 
 
-def read_frame(sock: socket.socket) -> Frame:
-    """The next frame on `sock` (blocking, under the socket's own timeout). WireError on a closed stream or
-    bytes that are not a frame; socket.timeout when the peer is silent past the timeout."""
+def read_frame(sock: socket.socket, channel: RowChannel | None = None) -> Frame:
+    """The next frame on `sock` (blocking, under the socket's own timeout), its tensors read from the body
+    or, where the header puts them on the channel, received from `channel` onto its device (always, even
+    for a frame the caller then ignores: the channel must stay in step with the stream). WireError on a
+    closed stream, bytes that are not a frame, or a channel that broke; socket.timeout when the peer is
+    silent past the timeout."""
     head_len, body_len = PREFIX.unpack(_read_exactly(sock, PREFIX.size))
     if head_len > MAX_HEADER:
         raise WireError(f"wire: a {head_len}-byte header is not a frame of this protocol")
     header = json.loads(_read_exactly(sock, head_len))
     body = _read_exactly(sock, body_len)
+    described = header.pop("tensors")
+    if any(offset is None for _, _, offset in described):
+        if channel is None:
+            raise WireError("wire: the frame's tensors are on a row channel, and this stream has none")
+        try:
+            return Frame(header, channel.recv([(DTYPES[name], tuple(shape)) for name, shape, _ in described]))
+        except RuntimeError as e:  # the peer died or the channel timed out mid-call
+            raise WireError(f"wire: the row channel broke ({e})") from e
     tensors = []
-    for name, shape, offset in header.pop("tensors"):
+    for name, shape, offset in described:
         dtype = DTYPES[name]
         count = 1
         for n in shape:
@@ -95,9 +116,9 @@ def _read_exactly(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
-def encode_call(request_id: int, layer: int, version: str | None, call: ShardCall) -> bytes:
+def encode_call(request_id: int, layer: int, version: str | None, call: ShardCall, on_channel: bool = False) -> bytes:
     header = {"id": request_id, "layer": layer, "version": version}
-    return encode(header, [call.hidden, call.local_rows, call.experts, call.weights])
+    return encode(header, call.parts(), on_channel)
 
 
 def decode_call(frame: Frame) -> tuple[int, int, str | None, ShardCall]:
@@ -108,5 +129,7 @@ def decode_call(frame: Frame) -> tuple[int, int, str | None, ShardCall]:
     return int(h["id"]), int(h["layer"]), h.get("version"), ShardCall(*frame.tensors)
 
 
-def encode_answer(request_id: int, status: str, out: Tensor | None = None, detail: str = "") -> bytes:
-    return encode({"id": request_id, "status": status, "detail": detail}, [] if out is None else [out])
+def encode_answer(
+    request_id: int, status: str, out: Tensor | None = None, detail: str = "", on_channel: bool = False
+) -> bytes:
+    return encode({"id": request_id, "status": status, "detail": detail}, [] if out is None else [out], on_channel)

@@ -110,6 +110,15 @@ def test_the_shard_transport_is_direct_unless_handles_are_asked_for():
         AppConfig.model_validate({"model": "x", "transport": "nccl"})
 
 
+def test_direct_rows_are_auto_and_say_how_the_direct_transport_moves_rows():
+    assert AppConfig.model_validate({"model": "x"}).direct_rows == "auto"
+    assert AppConfig.model_validate({"model": "x", "direct_rows": "collective"}).direct_rows == "collective"
+    with pytest.raises(ValidationError, match="direct_rows: collective with transport: handles"):
+        AppConfig.model_validate({"model": "x", "transport": "handles", "direct_rows": "collective"})
+    with pytest.raises(ValidationError, match="'auto', 'frames' or 'collective'"):
+        AppConfig.model_validate({"model": "x", "direct_rows": "nccl"})
+
+
 def test_engine_vllm_refuses_the_native_engines_shard_fields():
     with pytest.raises(ValidationError, match=r"shards, shard_resources: expert shards are the native engine's"):
         AppConfig.model_validate({"model": "x", "engine": "vllm", "shards": 4, "shard_resources": {"num_cpus": 1}})

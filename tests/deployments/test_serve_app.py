@@ -58,9 +58,10 @@ def per_layer_plan(folder, num_experts: int) -> dict:
 
 
 # One app per architecture, each with another layout: every expert on one shard, an uneven split over three
-# (16 experts: 6/5/5), and a per-layer placement with replicated experts. (tests/serving/experts covers
+# (16 experts: 6/5/5) whose rows go on row channels (direct_rows: collective, gloo between CPU processes: the
+# NCCL path's CPU equivalent), and a per-layer placement with replicated experts. (tests/serving/experts covers
 # every layout with every shard count in process; this checks the deployed path of each.)
-LAYOUTS = {"qwen2_moe": "1 shard", "deepseek_v3": "3 shards", "mixtral": "per-layer file"}
+LAYOUTS = {"qwen2_moe": "1 shard", "deepseek_v3": "3 shards, rows on channels", "mixtral": "per-layer file"}
 
 
 @pytest.mark.parametrize("arch", list(LAYOUTS))
@@ -70,12 +71,17 @@ def test_greedy_over_http_equals_in_process_engine(serve_url, demos, arch, tmp_p
         engine.generate_batch([engine.tokenizer.encode(p)], SamplingParams(max_tokens=12, temperature=0.0))[0].text
         for p in PROMPTS
     ]
-    layout = {"1 shard": {"shards": 1}, "3 shards": {"shards": 3}}.get(LAYOUTS[arch])
+    channels = {"shards": 3, "direct_rows": "collective"}
+    layout = {"1 shard": {"shards": 1}, "3 shards, rows on channels": channels}.get(LAYOUTS[arch])
     layout = layout or per_layer_plan(tmp_path, ModelConfig.from_pretrained(demos[arch]).num_experts)
     url, name = deploy(serve_url, {"model": str(demos[arch]), **layout})
     try:
         got = [complete(url, p)["choices"][0]["text"] for p in PROMPTS]
         assert got == want, f"{arch} with {LAYOUTS[arch]}"
+        shards = layout["shards"]
+        infos = [serve.get_deployment_handle(f"ExpertShard-{i}", name).info.remote().result() for i in range(shards)]
+        on_channels = [i["row_channels"] > 0 for i in infos]
+        assert on_channels == [layout.get("direct_rows") == "collective"] * shards, on_channels
     finally:
         serve.delete(name)
 
