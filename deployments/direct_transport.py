@@ -30,6 +30,7 @@ The guarantees of the handle transport hold, with the same reasons (serving/expe
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import selectors
@@ -46,7 +47,7 @@ from torch import Tensor
 
 from deployments.transport import next_deadline, overdue
 from serving.experts.row_channel import ROUTER_RANK, ChannelStore, RowChannel
-from serving.experts.sharded import ShardCall, ShardFailure, ShardTransport
+from serving.experts.sharded import Collect, ShardCall, ShardFailure, ShardTransport
 from serving.experts.wire import WireError, encode, encode_call, read_frame
 from serving.metrics import DISPATCH, SHARD_CALLS, SHARD_HEDGES, SHARD_TIMEOUTS, MetricsSink, NullSink
 
@@ -176,6 +177,10 @@ class DirectTransport:
     # ---- calls (engine thread) ----
 
     def run(self, layer: int, calls: dict[int, ShardCall]) -> dict[int, Tensor | ShardFailure]:
+        return self.start(layer, calls)()
+
+    def start(self, layer: int, calls: dict[int, ShardCall]) -> Collect:
+        """Send every call (the shards start computing); the returned collect waits for their answers."""
         # Rows in frames: device -> host before sending, one copy per shard call (the shard moves them to its
         # device on arrival). On row channels they stay on row_device. Handles pickle host tensors.
         now = time.perf_counter()
@@ -187,8 +192,12 @@ class DirectTransport:
                 open_calls[shard] = c
             else:
                 by_handle[shard] = c.call.to("cpu")
-        # The handle calls run while the direct ones are in flight: their answers wait in the socket buffers.
-        results = self.fallback.run(layer, by_handle) if by_handle else {}
+        # The handle calls go out too before anything is awaited; the direct answers wait in the socket buffers.
+        by_handle_collect = self.fallback.start(layer, by_handle) if by_handle else dict
+        return functools.partial(self._collect_all, layer, open_calls, by_handle_collect)
+
+    def _collect_all(self, layer: int, open_calls: dict[int, _Call], by_handle_collect: Collect) -> dict:
+        results = by_handle_collect()
         while open_calls.keys() - results.keys():
             self._wait_and_read(open_calls, results)
             self._hedge_or_expire(layer, open_calls, results)

@@ -1,8 +1,9 @@
 """ShardTransport over Serve DeploymentHandles: the simple first transport (docs/architecture.md, "Seams").
 
 Called from the engine thread of a Router replica (not its event loop): every call of a layer is sent
-with `.remote()` first, then results are taken as they complete, so shards work concurrently and each
-call's dispatch latency (send to result) is its own, not the longest of the calls before it.
+with `.remote()` first (`start`), then results are taken as they complete (the collect it returns), so
+shards work concurrently, the router may compute something else in between, and each call's dispatch
+latency (send to result) is its own, not the longest of the calls before it.
 
 What a dead or slow replica costs here (the backend, serving/experts/sharded.py, retries what fails):
 - a call whose replica dies fails fast (ActorDiedError) and is reported as ShardFailure("gone"); Serve
@@ -20,6 +21,7 @@ An exception the shard's own code raised otherwise is not retried: it propagates
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -29,7 +31,7 @@ from ray.serve.handle import DeploymentHandle
 from torch import Tensor
 
 from serving.errors import StalePlacementError
-from serving.experts.sharded import ShardCall, ShardFailure
+from serving.experts.sharded import Collect, ShardCall, ShardFailure
 from serving.metrics import DISPATCH, SHARD_CALLS, SHARD_HEDGES, SHARD_TIMEOUTS, MetricsSink, NullSink
 
 
@@ -82,6 +84,9 @@ class HandleTransport:
         self.call_timeout_s, self.hedge_after_s = call_timeout_s, hedge_after_s
 
     def run(self, layer: int, calls: dict[int, ShardCall]) -> dict[int, Tensor | ShardFailure]:
+        return self.start(layer, calls)()
+
+    def start(self, layer: int, calls: dict[int, ShardCall]) -> Collect:
         # Device -> host before sending (Serve pickles the call; a CUDA tensor would not unpickle on another
         # node), one copy per shard call; each ExpertShard moves the rows to its own device on arrival.
         now = time.perf_counter()
@@ -91,6 +96,9 @@ class HandleTransport:
         owner: dict = {}  # object ref -> its _Call
         for shard, response in responses.items():
             self._track(open_calls[shard], response, owner, results)
+        return functools.partial(self._collect_all, layer, open_calls, owner, results)
+
+    def _collect_all(self, layer: int, open_calls: dict[int, _Call], owner: dict, results: dict) -> dict:
         while open_calls.keys() - results.keys():
             timeout = next_deadline(open_calls, results, self.call_timeout_s, self.hedge_after_s) - time.perf_counter()
             done, _ = ray.wait(list(owner), num_returns=1, timeout=max(0.0, timeout))

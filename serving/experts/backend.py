@@ -12,15 +12,34 @@ serving/experts/fused.py), chosen by ``engine_config.expert_kernel`` (serving/ex
 Usage::
 
     out = backend(layer, hidden, weights, ids)   # [T, D]
+    routed = backend.start(layer, hidden, weights, ids)   # remote experts: the calls are on their way ...
+    out = routed.result()                                  # ... while this thread did something else
     part = layer_experts.forward(hidden, local_rows, experts, weights)   # [R, D]
 """
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
 # T = tokens, K = experts per token, D = hidden, R = rows sent to one process, A = (row, expert) assignments
+
+
+class Routed(Protocol):
+    """A layer's routed experts, started: ``result()`` gives ``out [T, D]`` (waiting for it if need be)."""
+
+    def result(self) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class Computed:
+    """Routed experts computed already (an in-process backend's ``start``: nothing runs in the background)."""
+
+    out: Tensor  # [T, D]
+
+    def result(self) -> Tensor:
+        return self.out
 
 
 class ExpertBackend(Protocol):
@@ -30,6 +49,12 @@ class ExpertBackend(Protocol):
 
         hidden: [T, D]; weights: [T, K] (the gate's output); ids: [T, K] global expert ids.
         """
+        ...
+
+    def start(self, layer: int, hidden: Tensor, weights: Tensor, ids: Tensor) -> Routed:
+        """The same, started: a backend whose experts are elsewhere sends them the rows and returns at once,
+        so the caller computes meanwhile (the MoE block runs its shared expert); one in this process
+        computes now. ``start(...).result()`` equals ``__call__(...)`` to the bit."""
         ...
 
 

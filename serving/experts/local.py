@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from router.dispatch import flatten, group_by_expert
-from serving.experts.backend import LayerExperts
+from serving.experts.backend import Computed, LayerExperts
 from serving.model.prepack import can_prepack, linear, packed_weight
 
 # T = tokens, K = experts per token, D = hidden, I = expert intermediate size,
@@ -183,6 +183,9 @@ class LocalExpertBackend:
             raise ValueError(f"LocalExpertBackend holds no experts for layer {layer} (holds {sorted(self.layers)})")
         a = flatten(weights, ids)  # [K * T] assignments; row = token
         return experts.forward(hidden, a.rows, a.experts, a.weights)  # [T, D]
+
+    def start(self, layer: int, hidden: Tensor, weights: Tensor, ids: Tensor) -> Computed:
+        return Computed(self(layer, hidden, weights, ids))  # here and now: nothing to overlap with
 
 
 def _describe_ids(ids: Tensor) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from serving.experts.backend import ExpertBackend
+from serving.experts.backend import ExpertBackend, Routed
 
 # T = tokens, K = experts per token, D = hidden, E = routed experts
 
@@ -23,9 +23,16 @@ class RoutingCounter:
         self.counts: dict[int, Tensor] = {}  # layer -> [E] token rows routed so far
 
     def __call__(self, layer: int, hidden: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
+        self._count(layer, ids)
+        return self.backend(layer, hidden, weights, ids)
+
+    def start(self, layer: int, hidden: Tensor, weights: Tensor, ids: Tensor) -> Routed:
+        self._count(layer, ids)
+        return self.backend.start(layer, hidden, weights, ids)
+
+    def _count(self, layer: int, ids: Tensor) -> None:
         routed = torch.bincount(ids.flatten(), minlength=self.num_experts)  # [E]
         self.counts[layer] = self.counts.get(layer, 0) + routed
-        return self.backend(layer, hidden, weights, ids)
 
     def drain(self) -> tuple[list[int], Tensor]:
         """(layers, rows [len(layers), E] int64 on the host): the rows routed to each expert since the last

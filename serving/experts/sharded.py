@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -94,10 +94,20 @@ def shard_version(model_path: str, shard: int, expert_ids: Mapping[int, Sequence
     return hashlib.sha256(f"{model_path}|{shard}|{held}".encode()).hexdigest()[:16]
 
 
-class ShardTransport(Protocol):
-    """Sends every call of one layer; returns each shard's partial sums [R_s, D], or a ShardFailure."""
+Collect = Callable[[], "dict[int, Tensor | ShardFailure]"]  # waits for the answers of calls `start` sent
 
-    def run(self, layer: int, calls: dict[int, ShardCall]) -> dict[int, Tensor | ShardFailure]: ...
+
+class ShardTransport(Protocol):
+    """Sends every call of one layer; gives each shard's partial sums [R_s, D], or a ShardFailure."""
+
+    def start(self, layer: int, calls: dict[int, ShardCall]) -> Collect:
+        """Send every call and return at once (the shards compute meanwhile); call the result to wait for
+        the answers. The caller may compute something else in between (the MoE block's shared expert)."""
+        ...
+
+    def run(self, layer: int, calls: dict[int, ShardCall]) -> dict[int, Tensor | ShardFailure]:
+        """start and wait: `start(layer, calls)()`."""
+        ...
 
     def probe(self, shard: int, timeout_s: float) -> bool:
         """Whether a replica of `shard` answers now (asked from a background thread)."""
@@ -190,17 +200,26 @@ class ShardedExpertBackend:
         return layout
 
     def __call__(self, layer: int, hidden: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
+        return self.start(layer, hidden, weights, ids).result()
+
+    def start(self, layer: int, hidden: Tensor, weights: Tensor, ids: Tensor) -> InFlight:
+        """Send the layer's first round of shard calls and return at once; `.result()` waits for them, retries
+        what failed, and gives out [T, D]. In between the shards compute and this thread is free."""
         layout = self._layout(layer, ids.device)
         if layer == self._first_layer and self.shard_rows.clock() >= self._next_report:
             self.report_balancedness()  # as a step starts: the window holds whole steps, every layer in them
         elif self._first_layer is None:
             self._first_layer = layer
         out = torch.zeros_like(hidden)  # [T, D]
-        pending, deadline, stale_deadline, pause = flatten(weights, ids), None, None, self.policy.pause_s
-        while True:
-            batches, failed = self._send(layer, layout, hidden, pending, out)
-            if not failed:
-                return out
+        first_round = self._start_round(layer, layout, hidden, flatten(weights, ids))
+        return InFlight(self, layer, layout, hidden, out, first_round)
+
+    def _complete(self, flight: InFlight) -> Tensor:
+        """Wait for the first round, then retry what failed until every row has its partial sums (or give up)."""
+        layer, layout, hidden, out = flight.layer, flight.layout, flight.hidden, flight.out
+        batches, failed = self._finish_round(layer, *flight.first_round, out)
+        deadline, stale_deadline, pause = None, None, self.policy.pause_s
+        while failed:
             now = time.monotonic()
             deadline = deadline or now + self.policy.wait_s
             if stale := sorted(s for s, failure in failed.items() if failure.reason == "stale"):
@@ -226,12 +245,13 @@ class ShardedExpertBackend:
             else:  # every row waits for a shard that just failed: give Serve time to bring a replica up
                 time.sleep(min(pause, max(0.0, deadline - now)))
                 pause = min(2 * pause, self.policy.max_pause_s)
+            batches, failed = self._finish_round(layer, *self._start_round(layer, layout, hidden, pending), out)
+        return out
 
-    def _send(
-        self, layer: int, layout: _Layout, hidden: Tensor, assignments: Assignments, out: Tensor
-    ) -> tuple[list[ShardBatch | None], dict[int, ShardFailure]]:
-        """One round: call the shards `assignments` need, add what comes back into `out` (in shard order).
-        Returns the round's batches and the failed shards with why."""
+    def _start_round(
+        self, layer: int, layout: _Layout, hidden: Tensor, assignments: Assignments
+    ) -> tuple[list[ShardBatch | None], Collect]:
+        """Send one round: a call to each shard `assignments` need. Returns the round's batches and its collect."""
         shard_of = self._route(layout, assignments)  # [A]
         batches = split_assignments(assignments, shard_of, self.num_shards, hidden.shape[0])
         calls = {
@@ -239,7 +259,14 @@ class ShardedExpertBackend:
             for shard, b in enumerate(batches)
             if b is not None
         }
-        results = self.transport.run(layer, calls)  # {shard: [R_s, D] | ShardFailure}
+        return batches, self.transport.start(layer, calls)
+
+    def _finish_round(
+        self, layer: int, batches: list[ShardBatch | None], collect: Collect, out: Tensor
+    ) -> tuple[list[ShardBatch | None], dict[int, ShardFailure]]:
+        """Wait for a round's answers and add them into `out` (in shard order). Returns the round's batches and
+        the failed shards with why."""
+        results = collect()  # {shard: [R_s, D] | ShardFailure}
         failed, rows = {}, {}
         for shard in sorted(results):
             result = results[shard]
@@ -311,6 +338,22 @@ class ShardedExpertBackend:
         return any(set(layout.holders[e]) - set(failed) for e in experts)
 
 
+@dataclass
+class InFlight:
+    """A layer's routed experts on their way: the shard calls of its first round are sent (what
+    ShardedExpertBackend.start returns). `result()` once: waits, retries what failed, gives out [T, D]."""
+
+    backend: ShardedExpertBackend
+    layer: int
+    layout: _Layout
+    hidden: Tensor  # [T, D]
+    out: Tensor  # [T, D] the partial sums are added into
+    first_round: tuple[list[ShardBatch | None], Collect]
+
+    def result(self) -> Tensor:
+        return self.backend._complete(self)
+
+
 def _why(failed: dict[int, ShardFailure]) -> str:
     return "; ".join(f"shard {shard}: {f.reason} {f.detail}".strip() for shard, f in sorted(failed.items()))
 
@@ -335,7 +378,11 @@ class InProcessTransport:
     def __init__(self, shards: dict[int, dict[int, LayerExperts]]):
         self.shards = shards  # shard -> layer -> experts
 
-    def run(self, layer: int, calls: dict[int, ShardCall]) -> dict[int, Tensor]:
+    def start(self, layer: int, calls: dict[int, ShardCall]) -> Collect:
+        results = self.run(layer, calls)  # computed here and now: nothing runs meanwhile
+        return lambda: results
+
+    def run(self, layer: int, calls: dict[int, ShardCall]) -> dict[int, Tensor | ShardFailure]:
         return {shard: run_shard_call(self.shards[shard], layer, call) for shard, call in calls.items()}
 
     def probe(self, shard: int, timeout_s: float) -> bool:

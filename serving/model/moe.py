@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from router.gate import top_k_gate
-from serving.experts.backend import ExpertBackend
+from serving.experts.backend import ExpertBackend, Routed
 from serving.experts.pipeline import ExpertPipeline
 from serving.model.config import ModelConfig
 from serving.model.layers import GatedMLP
@@ -58,9 +58,11 @@ class MoEBlock(nn.Module):
 
     def forward(self, x: Tensor, experts: ExpertBackend) -> Tensor:
         weights, ids = self.route(x)  # [T, K], [T, K]
-        out = experts(self.layer_id, x, weights.to(x.dtype), ids)  # [T, D]
-        shared = self._shared(x)
-        return out if shared is None else out + shared
+        # Remote experts: their rows are sent and the shards compute while this thread runs the shared
+        # expert in finish (the shared-expert overlap DeepSeek's and SGLang's MoE layers do); in process,
+        # start computes them at once. The same numbers either way: nothing is added before both are done.
+        routed = experts.start(self.layer_id, x, weights.to(x.dtype), ids)
+        return self.finish(PendingMoE(x, routed))
 
     def submit(self, x: Tensor, pipeline: ExpertPipeline) -> PendingMoE:
         """The first half of forward with the routed experts sent off (forward_overlapped): route, submit."""
@@ -68,8 +70,8 @@ class MoEBlock(nn.Module):
         return PendingMoE(x, pipeline.submit(self.layer_id, x, weights.to(x.dtype), ids))
 
     def finish(self, pending: PendingMoE) -> Tensor:
-        """The second half: the shared expert while the routed ones may still run, then their sum. The same
-        operations in the same order as forward, so the result is the same to the bit."""
+        """The second half: the shared expert while the routed ones may still run, then their sum (forward's
+        own second half, so a submitted layer's result is the same to the bit)."""
         shared = self._shared(pending.x)
         out = pending.routed.result()  # [T, D]
         return out if shared is None else out + shared
@@ -88,4 +90,4 @@ class PendingMoE:
     """An MoE block whose routed experts were submitted: its input rows and the experts' future output."""
 
     x: Tensor  # [T, D]
-    routed: Future  # of [T, D]
+    routed: Routed | Future  # of [T, D]: the backend's start, or the expert pipeline's future

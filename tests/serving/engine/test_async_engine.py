@@ -77,10 +77,13 @@ class FailingOnce:
         self.backend, self.failed = backend, False
 
     def __call__(self, layer, hidden, weights, ids):
+        return self.start(layer, hidden, weights, ids).result()
+
+    def start(self, layer, hidden, weights, ids):
         if not self.failed:
             self.failed = True
             raise EngineUnavailableError("expert shard(s) [1] answered no call")
-        return self.backend(layer, hidden, weights, ids)
+        return self.backend.start(layer, hidden, weights, ids)
 
 
 def test_a_failed_step_fails_its_requests_and_the_queued_ones_go_on(mixtral):

@@ -46,8 +46,11 @@ class CallOrder:
         self.backend, self.calls = backend, []
 
     def __call__(self, layer, hidden, weights, ids):
+        return self.start(layer, hidden, weights, ids).result()
+
+    def start(self, layer, hidden, weights, ids):
         self.calls.append((threading.current_thread().name, layer, hidden.shape[0]))
-        return self.backend(layer, hidden, weights, ids)
+        return self.backend.start(layer, hidden, weights, ids)
 
 
 def test_overlapped_steps_give_the_unsplit_steps_tokens_and_logprobs(sharded):
@@ -91,3 +94,41 @@ def test_a_step_is_cut_into_halves_of_about_equal_tokens_or_not_at_all(mixtral, 
     assert runner._split([SequenceChunk(0, n, [0]) for n in tokens]) == cut
     runner.close()
     assert ModelRunner(model, experts, None, None)._split([SequenceChunk(0, 9, [0])] * 4) is None  # off
+
+
+class Ordering(InProcessTransport):
+    """In-process shards that log when a layer's calls are sent and when their answers are collected."""
+
+    def __init__(self, shards, log):
+        super().__init__(shards)
+        self.log = log
+
+    def start(self, layer, calls):
+        self.log.append(("sent", layer))
+        collect = super().start(layer, calls)
+
+        def collected():
+            self.log.append(("collected", layer))
+            return collect()
+
+        return collected
+
+
+def test_the_shared_expert_runs_while_the_layers_shard_calls_are_out(sharded):
+    """Without micro-batches too: each MoE layer sends its routed rows, runs its shared expert (deepseek_v3
+    has one) and only then waits for the shards; the tokens are those of the same engine on local experts."""
+    model, experts = sharded
+    log: list[tuple[str, int]] = []
+    ordered = ShardedExpertBackend(experts.every_layer.placement, Ordering(experts.transport.shards, log))
+    hooks = [block.mlp.shared_expert.register_forward_hook(lambda *_, i=block.mlp.layer_id: log.append(("shared", i)))
+             for block in model.model.layers if block.sparse and block.mlp.shared_expert is not None]  # fmt: skip
+    try:
+        got = LLMEngine(model, ordered, None, EngineConfig()).generate_batch(prompts(2), PARAMS)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    want = LLMEngine(model, experts, None, EngineConfig()).generate_batch(prompts(2), PARAMS)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    per_call = ["sent", "shared", "collected"] if hooks else ["sent", "collected"]
+    layers = [layer for event, layer in log if event == "sent"]
+    assert layers and log == [(event, layer) for layer in layers for event in per_call]
