@@ -26,16 +26,19 @@ from benchmarks.report import machine_meta, write_report
 
 
 class TimedExperts:
-    """An ExpertBackend that times the backend it wraps, per call."""
+    """An ExpertBackend that times the backend it wraps, per call (its in-process experts compute in `start`)."""
 
     def __init__(self, backend):
         self.backend, self.seconds = backend, 0.0
 
     def __call__(self, layer, hidden, weights, ids):
+        return self.start(layer, hidden, weights, ids).result()
+
+    def start(self, layer, hidden, weights, ids):
         start = time.perf_counter()
-        out = self.backend(layer, hidden, weights, ids)
+        routed = self.backend.start(layer, hidden, weights, ids)
         self.seconds += time.perf_counter() - start
-        return out
+        return routed
 
 
 def profile(path: Path, name: str, kernel: str, batch: int, steps: int, dtype: torch.dtype) -> dict:

@@ -117,10 +117,12 @@ class ShardServer:
         return channel
 
     def close(self) -> None:
-        """Stop accepting and end every open stream (a router's call on one fails over at once)."""
+        """Stop accepting and end every open stream (a router's call on one fails over at once); the channel
+        store stops once the streams' channels, which hold it, are gone."""
         with self._lock:
             self._closed = True
             conns, self._open = list(self._open), set()
+        self.channels = None
         try:
             self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
         except OSError:
