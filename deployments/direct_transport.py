@@ -228,7 +228,8 @@ class DirectTransport:
                 self._drop(c.shard, endpoint.replica, f"send failed: {e}")
                 continue
             c.attempts[request_id] = conn
-            self.metrics.record(SHARD_CALLS, 1, {"model": self.model, "shard": str(c.shard), "transport": "direct"})
+            kind = "direct" if conn.channel is None else "channel"
+            self.metrics.record(SHARD_CALLS, 1, {"model": self.model, "shard": str(c.shard), "transport": kind})
             return True
         return False
 

@@ -87,8 +87,9 @@ BALANCEDNESS = Metric("moe_expert_balancedness_ratio", "gauge", "Mean shard rows
 SHARD_RETRIES = Metric("moe_shard_retries_total", "counter", "Shard calls sent again after an attempt failed "
                        "(replica died or unreachable, or timed out).", labels=("model", "shard"))  # fmt: skip
 SHARD_CALLS = Metric("moe_shard_calls_total", "counter", "Shard call attempts sent, by transport: direct (a TCP "
-                     "stream to a replica) or handles (a Serve handle: transport: handles, or a shard whose replicas' "
-                     "ports are not known yet).", labels=("model", "shard", "transport"))  # fmt: skip
+                     "stream to a replica, rows in the frame), channel (the same, rows on its row channel: "
+                     "direct_rows) or handles (a Serve handle: transport: handles, or a shard whose replicas' ports "
+                     "are not known yet).", labels=("model", "shard", "transport"))  # fmt: skip
 SHARD_TIMEOUTS = Metric("moe_shard_timeouts_total", "counter", "Shard call attempts that passed "
                         "shard_call_timeout_s.", labels=("model", "shard"))  # fmt: skip
 SHARD_HEDGES = Metric("moe_shard_hedges_total", "counter", "Second attempts sent because a shard call was slow "
