@@ -30,6 +30,7 @@ from deployments.engine_deployment import NativeEngineFactory
 from deployments.metrics import RaySink
 from serving.engine_client import EngineConfig
 from serving.errors import StalePlacementError
+from serving.experts.compute_thread import ComputeThread
 from serving.experts.kernels import kernel_of
 from serving.experts.loading import load_experts
 from serving.experts.row_channel import rows_on_channel
@@ -79,10 +80,11 @@ class ExpertShard:
         config = EngineConfig.model_validate(engine_config)
         self.replica = serve.get_replica_context().replica_tag
         self.device = resolve_device(config.device, accelerator, f"ExpertShard-{shard_id} replica {self.replica}")
+        # Loaded and computed on one thread where the replica runs several OpenMP threads (compute_thread.py).
+        self.compute_thread = ComputeThread(f"shard-{shard_id}-compute")
         ckpt = Checkpoint(model_path, fp8_block=cfg.fp8_block)  # fp8: only these experts' weights and scales
-        self.layers = load_experts(
-            ckpt, cfg, self.expert_ids, torch_dtype(config.dtype), self.device, config.expert_kernel
-        )
+        load = (ckpt, cfg, self.expert_ids, torch_dtype(config.dtype), self.device, config.expert_kernel)
+        self.layers = self.compute_thread.run(load_experts, *load)
         self.bytes_loaded = ckpt.bytes_read
         self.kernel = kernel_of(self.layers)  # resolved here, where it runs: "auto" becomes loop or vllm
         labels = {"model": model_name or Path(model_path).name, "kernel": self.kernel}
@@ -116,10 +118,14 @@ class ExpertShard:
         """A call through a Serve handle: `compute`, its result device -> host (Serve pickles it back)."""
         return self.compute(layer, call, version).cpu()
 
-    @torch.inference_mode()  # here, not in __init__: grad mode is per thread, and Serve may call from another
     def compute(self, layer: int, call: ShardCall, version: str | None = None) -> Tensor:
         """Weighted partial sums [R_s, D] of this shard's experts over the rows it was sent, on its device.
-        `version`: the router's shard_version for this shard; another one is refused (StalePlacementError)."""
+        `version`: the router's shard_version for this shard; another one is refused (StalePlacementError).
+        From any thread (Serve's, a ShardServer connection's): it runs on the compute thread where there is one."""
+        return self.compute_thread.run(self._compute, layer, call, version)
+
+    @torch.inference_mode()  # here, not in __init__: grad mode is per thread, and calls come from other threads
+    def _compute(self, layer: int, call: ShardCall, version: str | None) -> Tensor:
         if version is not None and version != self.version:
             raise StalePlacementError(
                 f"ExpertShard-{self.shard_id} (version {self.version}, experts {self.expert_ids}) got a call for "
@@ -148,6 +154,9 @@ class ExpertShard:
         server = getattr(self, "server", None)
         if server is not None:
             server.close()
+        compute_thread = getattr(self, "compute_thread", None)
+        if compute_thread is not None:
+            compute_thread.close()
 
     def ping(self) -> bool:
         """A replica is up (the transport's probe of a shard that failed)."""
@@ -165,4 +174,5 @@ class ExpertShard:
             "replica": self.replica,
             "expert_rows": self.rows.total,  # computed by this replica since it started
             "row_channels": self.server.channels_opened if self.server else 0,  # opened by routers (direct_rows)
+            "compute_thread": self.compute_thread.threaded,  # one thread loads and computes (compute_thread.py)
         }
