@@ -55,7 +55,6 @@ class ChannelStore:
     """The rendezvous store a shard replica hosts for the routers' channels (a TCPStore on a free port)."""
 
     def __init__(self, host: str, timeout_s: float = 10.0):
-        self.host = host
         self.store = dist.TCPStore(
             host, 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=timeout_s)
         )
@@ -107,11 +106,11 @@ class RowChannel:
         """Receive the tensors of each (dtype, shape), packed as `send` packs them, onto the channel's device
         (blocking until they are here: the frame that describes them went first, so they are on their way).
         The tensors are views into the one buffer received."""
-        empties = [torch.empty(shape, dtype=dtype, device=self.device) for dtype, shape in described]
-        packed = torch.empty(_packed_bytes(empties), dtype=torch.uint8, device=self.device)
+        like = [torch.empty(shape, dtype=dtype, device="meta") for dtype, shape in described]  # shapes, no memory
+        packed = torch.empty(_packed_bytes(like), dtype=torch.uint8, device=self.device)
         if packed.numel():
             self.group.recv([packed], self.peer, 0).wait()
-        return _unpack(packed, empties)
+        return _unpack(packed, like)
 
     def close(self) -> None:
         """Drop the group (the peer's next op on it fails, which ends its stream too)."""
@@ -150,10 +149,14 @@ def _pack(tensors: list[Tensor]) -> Tensor:
 
 
 def _unpack(packed: Tensor, like: list[Tensor]) -> list[Tensor]:
-    """Views into `packed` with the dtypes and shapes of `like` (empty tensors that describe them)."""
+    """Tensors on packed's device with the dtypes and shapes of `like` (meta tensors that describe them): views
+    into `packed`, or new empty tensors for those with no elements."""
     out, offset = [], 0
     for t in like:
         n = t.numel() * t.element_size()
-        out.append(packed[offset : offset + n].view(t.dtype).view(t.shape) if n else t)
+        if n:
+            out.append(packed[offset : offset + n].view(t.dtype).view(t.shape))
+        else:
+            out.append(torch.empty(t.shape, dtype=t.dtype, device=packed.device))
         offset += _padded(t)
     return out

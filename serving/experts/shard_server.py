@@ -79,21 +79,21 @@ class ShardServer:
                 frame = read_frame(conn, channel)
             while True:
                 request_id, layer, version, call = decode_call(frame)
-                out, works = None, []
+                on_channel, works = None, []  # on_channel: what the answer's frame says follows on the channel
                 try:
                     out = self.handler(layer, call, version)  # [R_s, D] on this replica's device
                     if channel is None:  # device -> host: the frame carries host bytes
                         answer = encode_answer(request_id, "ok", out.cpu())
                     else:
-                        answer = encode_answer(request_id, "ok", out, on_channel=True)
+                        answer, on_channel = encode_answer(request_id, "ok", out, on_channel=True), out
                 except StalePlacementError as e:
                     answer = encode_answer(request_id, "stale", detail=str(e))
                 except Exception as e:  # the shard's own code: the router fails the step with this message
                     log.exception("shard call failed")
                     answer = encode_answer(request_id, "error", detail=f"{type(e).__name__}: {e}")
                 conn.sendall(answer)
-                if channel is not None and out is not None:
-                    works = channel.send([out])  # the frame above told the router its shape
+                if on_channel is not None:
+                    works = channel.send([on_channel])  # the frame above told the router its shape
                 frame = read_frame(conn, channel)  # the router has the answer before it sends again...
                 for work, _ in works:  # ...so this send is done: wait frees it (at once)
                     work.wait()
