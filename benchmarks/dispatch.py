@@ -15,6 +15,14 @@ A second table times whole decode steps of an LLMEngine over the same shards, wi
 micro-batches in flight (`overlap_min_tokens`, serving/model/decoder.py forward_overlapped), on each transport,
 beside the same step with every expert in this process: `--batches` requests decoding together, `--steps`
 steps each, the engines taking turns step by step so that all see the same machine noise.
+
+A third table is where a sharded decode step's time goes (direct transport, rows in frames, as CPU replicas
+serve): `--profile-batches` requests, the step split into sending the layers' calls (split, serialise, send),
+waiting for their answers, and the router's own compute (everything else: attention, dense layers, the gate,
+the shared experts while the shards compute, combining, the LM head, sampling); and the slower shard of each
+layer's call split, from its answer, into its own compute (`compute_s`) and the hop (round trip minus that).
+Run it as a served router runs beside CPU shards, `OMP_WAIT_POLICY=PASSIVE` (deployments/app.py
+engine_env); the table records the policy it ran under.
 """
 
 from __future__ import annotations
@@ -34,7 +42,8 @@ from router.gate import top_k_gate
 from router.placement import Placement
 from serving.experts.loading import load_experts
 from serving.experts.local import LocalExpertBackend
-from serving.experts.sharded import ShardCall, ShardedExpertBackend
+from serving.experts.sharded import Collect, ShardCall, ShardedExpertBackend, ShardTransport
+from serving.metrics import SHARD_COMPUTE, SHARD_HOP, MemorySink
 from serving.model.checkpoint import Checkpoint
 from serving.model.config import ModelConfig
 
@@ -114,11 +123,92 @@ def measure(path: Path, name: str, args: argparse.Namespace, dtype: torch.dtype)
         each = "  ".join(f"{kind} {ms[kind]:8.2f} ms (hop {hop_ms[kind]:.2f})" for kind in transports)
         print(f"{name:>6} T={tokens:<4} fused {ms['fused']:8.2f} ms  {each}", flush=True)
     steps = measure_steps(path, name, args, dtype, fused, placement, transports)
+    sink = MemorySink()
+    profiled = DirectTransport(transports["handles"], serve_discovery(handles), len(handles), metrics=sink)
+    while not all(profiled.endpoints(s) for s in range(len(handles))):
+        time.sleep(0.1)
+    profile = profile_steps(path, name, args, dtype, fused, placement, TimedTransport(profiled, sink))
+    profiled.close()
     transports["direct"].close()
     transports["channels"].close()
     for i in range(placement.num_shards):
         serve.delete(f"shard{i}")
-    return rows, steps
+    return rows, steps, profile
+
+
+class TimedTransport:
+    """A ShardTransport that times the one it wraps, summed over a step's MoE layers: sending the calls and
+    waiting for the answers, and from the wrapped transport's metrics (a MemorySink) the slower shard's own
+    compute and hop in each layer (the last answer read is the slower shard's)."""
+
+    def __init__(self, transport: ShardTransport, sink: MemorySink):
+        self.transport, self.sink = transport, sink
+        self.reset()
+
+    def reset(self) -> None:
+        self.send_s = self.wait_s = self.compute_s = self.hop_s = 0.0
+
+    def start(self, layer: int, calls: dict[int, ShardCall]) -> Collect:
+        began = time.perf_counter()
+        collect = self.transport.start(layer, calls)
+        self.send_s += time.perf_counter() - began
+
+        def timed_collect():
+            mark, began = len(self.sink.records), time.perf_counter()
+            out = collect()
+            self.wait_s += time.perf_counter() - began
+            answers = self.sink.records[mark:]
+            self.compute_s += next((v for n, v, _ in reversed(answers) if n == SHARD_COMPUTE.name), 0.0)
+            self.hop_s += next((v for n, v, _ in reversed(answers) if n == SHARD_HOP.name), 0.0)
+            return out
+
+        return timed_collect
+
+    def run(self, layer: int, calls: dict[int, ShardCall]):
+        return self.start(layer, calls)()
+
+    def probe(self, shard: int, timeout_s: float) -> bool:
+        return self.transport.probe(shard, timeout_s)
+
+
+def profile_steps(path: Path, name: str, args: argparse.Namespace, dtype: torch.dtype, fused: LocalExpertBackend,
+                  placement: Placement, timed_transport: TimedTransport) -> list[dict]:  # fmt: skip
+    """Median ms of a decode step's parts at each of --profile-batches, sharded over `timed_transport`, beside
+    the same step in process (the two engines take turns step by step)."""
+    from serving.engine.llm_engine import LLMEngine
+    from serving.engine_client import EngineConfig, SamplingParams
+    from serving.model.decoder import load_model
+
+    model, _ = load_model(path, dtype)
+    rows = []
+    for batch in [int(b) for b in args.profile_batches.split(",") if b]:
+        params = SamplingParams(max_tokens=args.steps + 2, temperature=0.0, ignore_eos=True)
+        engines = {}
+        for label, backend in (("in process", fused), ("sharded", ShardedExpertBackend(placement, timed_transport))):
+            config = EngineConfig(dtype=str(dtype).removeprefix("torch."), kv_cache_mb=256, max_running=batch)
+            engine = LLMEngine(model, backend, None, config)
+            gen = torch.Generator().manual_seed(batch)
+            for _ in range(batch):
+                engine.add_request(torch.randint(0, 1000, (16,), generator=gen).tolist(), params)
+            engine.step()  # the prefill
+            engine.step()  # a decode step to warm up
+            engines[label] = engine
+        parts: dict[str, list[float]] = {k: [] for k in ("in_process", "step", "router", "send", "wait", "compute",
+                                                          "hop")}  # fmt: skip
+        for _ in range(args.steps):
+            parts["in_process"] += timed(engines["in process"].step, 1)
+            timed_transport.reset()
+            step_s = timed(engines["sharded"].step, 1)[0]
+            t = timed_transport
+            for key, value in (("step", step_s), ("router", step_s - t.send_s - t.wait_s), ("send", t.send_s),
+                               ("wait", t.wait_s), ("compute", t.compute_s), ("hop", t.hop_s)):  # fmt: skip
+                parts[key].append(value)
+        for engine in engines.values():
+            engine.runner.close()
+        ms = {key: round(statistics.median(v) * 1e3, 2) for key, v in parts.items()}
+        rows.append(dict(model=name, batch=batch, **{f"{k}_ms": v for k, v in ms.items()}))
+        print(f"{name:>6} batch={batch:<3} profile " + "  ".join(f"{k} {v:.2f}" for k, v in ms.items()), flush=True)
+    return rows
 
 
 def measure_steps(path: Path, name: str, args: argparse.Namespace, dtype: torch.dtype, fused: LocalExpertBackend,
@@ -172,7 +262,8 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--batches", default="8,32", help="decoding sequences of the step table (at most 32)")
-    parser.add_argument("--steps", type=int, default=12, help="decode steps timed per engine in the step table")
+    parser.add_argument("--steps", type=int, default=12, help="decode steps timed per engine in the step tables")
+    parser.add_argument("--profile-batches", default="1,32", help="decoding sequences of the profile table ('': none)")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "moe-serve-bench"))
     parser.add_argument("--out", default="benchmarks/results")
@@ -184,11 +275,11 @@ def main() -> None:
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     ray.init(num_cpus=8, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
     dtype = getattr(torch, args.dtype)
-    rows, step_rows = [], []
+    rows, step_rows, profile_rows = [], [], []
     try:
         for name in args.models.split(","):
-            layer_rows, steps = measure(build_checkpoint(name, Path(args.cache_dir)), name, args, dtype)
-            rows, step_rows = rows + layer_rows, step_rows + steps
+            layer_rows, steps, profile = measure(build_checkpoint(name, Path(args.cache_dir)), name, args, dtype)
+            rows, step_rows, profile_rows = rows + layer_rows, step_rows + steps, profile_rows + profile
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -204,6 +295,13 @@ def main() -> None:
                "sharded step ms": "sharded_ms", "overlap step ms": "overlap_ms", "sharded / fused": "sharded_ratio",
                "overlap / sharded": "overlap_ratio"}  # fmt: skip
     write_report(args.out, "dispatch_steps", meta | {"batches": args.batches, "steps": args.steps}, step_rows, columns)
+    columns = {"model": "model", "batch": "batch", "in process step ms": "in_process_ms",
+               "sharded step ms": "step_ms", "router compute ms": "router_ms", "send ms": "send_ms",
+               "wait ms": "wait_ms", "slower shard: compute ms": "compute_ms",
+               "slower shard: hop ms": "hop_ms"}  # fmt: skip
+    policy = os.environ.get("OMP_WAIT_POLICY", "libgomp default (spin)")
+    meta |= {"steps": args.steps, "router_omp_wait_policy": policy}
+    write_report(args.out, "dispatch_profile", meta, profile_rows, columns)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,16 @@ from deployments.transport import next_deadline, overdue
 from serving.experts.row_channel import ROUTER_RANK, ChannelStore, RowChannel
 from serving.experts.sharded import Collect, ShardCall, ShardFailure, ShardTransport
 from serving.experts.wire import WireError, encode, encode_call, read_frame
-from serving.metrics import DISPATCH, SHARD_CALLS, SHARD_HEDGES, SHARD_TIMEOUTS, MetricsSink, NullSink
+from serving.metrics import (
+    DISPATCH,
+    SHARD_CALLS,
+    SHARD_COMPUTE,
+    SHARD_HEDGES,
+    SHARD_HOP,
+    SHARD_TIMEOUTS,
+    MetricsSink,
+    NullSink,
+)
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +293,11 @@ class DirectTransport:
         if status == "ok":
             results[owner.shard] = frame.tensors[0]
             labels = {"model": self.model, "shard": str(owner.shard)}
-            self.metrics.record(DISPATCH, time.perf_counter() - owner.sent_at, labels)
+            round_trip = time.perf_counter() - owner.sent_at  # from the first attempt: a hedge's wait counts
+            self.metrics.record(DISPATCH, round_trip, labels)
+            if (compute_s := frame.header.get("compute_s")) is not None:
+                self.metrics.record(SHARD_COMPUTE, compute_s, labels)
+                self.metrics.record(SHARD_HOP, max(round_trip - compute_s, 0.0), labels)
         elif status == "stale":
             if not owner.attempts:
                 results[owner.shard] = ShardFailure("stale", frame.header.get("detail", ""))

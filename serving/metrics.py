@@ -37,6 +37,8 @@ from serving.engine_client import EngineClient, RequestOutput, SamplingParams
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5.0)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# One shard call and its parts: a direct hop is ~0.3-1 ms, a call's compute from ~0.1 ms (1 row) up
+SHARD_CALL_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 # (token, expert) rows of one shard call: up to max_batched_tokens x top-k in a prefill step
 SHARD_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -74,7 +76,14 @@ EXPERT_TOKENS = Metric("moe_expert_tokens_total", "counter", "Token rows the gat
 EXPERT_KERNEL = Metric("moe_expert_kernel_info", "gauge", "1 for the expert kernel (loop or vllm, auto resolved) "
                        "a replica holding experts runs.", labels=("model", "kernel"))  # fmt: skip
 DISPATCH = Metric("moe_dispatch_seconds", "histogram", "One MoE layer's call to one shard, send to result.",
-                  labels=("model", "shard"), buckets=STEP_BUCKETS)  # fmt: skip
+                  labels=("model", "shard"), buckets=SHARD_CALL_BUCKETS)  # fmt: skip
+# moe_dispatch_seconds split in two, for calls over the direct transport (the shard reports its part)
+SHARD_COMPUTE = Metric("moe_shard_compute_seconds", "histogram", "The shard replica's own time on one call, as "
+                       "its answer reports it: its experts, and the result's copy to the host (direct transport).",
+                       labels=("model", "shard"), buckets=SHARD_CALL_BUCKETS)  # fmt: skip
+SHARD_HOP = Metric("moe_shard_hop_seconds", "histogram", "One shard call's round trip minus the shard's own time: "
+                   "framing, the network, and waiting for the shard's and the router's threads (direct transport).",
+                   labels=("model", "shard"), buckets=SHARD_CALL_BUCKETS)  # fmt: skip
 SHARD_CALL_ROWS = Metric("moe_shard_call_rows", "histogram", "(token, expert) rows one MoE layer call sent to one "
                          "shard and got results for: the shard's load as router/balance.py counts it.",
                          labels=("model", "layer", "shard"), buckets=SHARD_ROWS_BUCKETS)  # fmt: skip
@@ -111,9 +120,9 @@ RETRIEVAL_ERRORS = Metric("moe_retrieval_errors_total", "counter", "Searches tha
                           labels=("model", "reason"))  # fmt: skip
 
 ALL = (TTFT, ITL, E2E, QUEUE, PROMPT_TOKENS, GENERATED_TOKENS, RUNNING, WAITING, KV_USAGE, STEP, BATCH,
-       EXPERT_TOKENS, EXPERT_KERNEL, DISPATCH, SHARD_CALL_ROWS, SHARD_ROWS, BALANCEDNESS, SHARD_RETRIES,
-       SHARD_CALLS, SHARD_TIMEOUTS, SHARD_HEDGES, SHARD_FAILOVERS, MIGRATIONS, REBALANCES, HTTP_REQUESTS, RETRIEVAL,
-       RETRIEVAL_ERRORS)  # fmt: skip
+       EXPERT_TOKENS, EXPERT_KERNEL, DISPATCH, SHARD_COMPUTE, SHARD_HOP, SHARD_CALL_ROWS, SHARD_ROWS, BALANCEDNESS,
+       SHARD_RETRIES, SHARD_CALLS, SHARD_TIMEOUTS, SHARD_HEDGES, SHARD_FAILOVERS, MIGRATIONS, REBALANCES, HTTP_REQUESTS,
+       RETRIEVAL, RETRIEVAL_ERRORS)  # fmt: skip
 
 
 class MetricsSink(Protocol):

@@ -6,7 +6,9 @@
     >>> server.close()                                       # at replica shutdown: routers see the streams end
 
 One thread accepts connections and one thread serves each of them, a call at a time in the order it was
-sent (a router has at most one call in flight per connection, so that is no wait). The handler is the
+sent (a router has at most one call in flight per connection, so that is no wait). An answer carries the
+seconds the call took here (`compute_s`: the handler, and on the frame path the copy to the host), which the
+router subtracts from its round trip to see the hop alone. The handler is the
 replica's own `compute(layer, call, version)`: a StalePlacementError answers "stale", any other exception
 "error" with its message, and the connection stays open. Bytes that are not a frame close that connection only.
 
@@ -23,6 +25,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -81,11 +84,15 @@ class ShardServer:
                 request_id, layer, version, call = decode_call(frame)
                 on_channel, works = None, []  # on_channel: what the answer's frame says follows on the channel
                 try:
+                    started = time.perf_counter()
                     out = self.handler(layer, call, version)  # [R_s, D] on this replica's device
                     if channel is None:  # device -> host: the frame carries host bytes
-                        answer = encode_answer(request_id, "ok", out.cpu())
-                    else:
-                        answer, on_channel = encode_answer(request_id, "ok", out, on_channel=True), out
+                        out = out.cpu()
+                        answer = encode_answer(request_id, "ok", out, compute_s=time.perf_counter() - started)
+                    else:  # (on CUDA the kernels may still run: compute_s is then their launch)
+                        compute_s = time.perf_counter() - started
+                        answer = encode_answer(request_id, "ok", out, on_channel=True, compute_s=compute_s)
+                        on_channel = out
                 except StalePlacementError as e:
                     answer = encode_answer(request_id, "stale", detail=str(e))
                 except Exception as e:  # the shard's own code: the router fails the step with this message

@@ -12,7 +12,8 @@ device to device.
 
 A call's header has "layer" and "version" (the router's shard_version, or null) and four tensors
 (ShardCall: hidden, local_rows, experts, weights); an answer's header has "status": "ok" with one
-tensor (the partial sums), "stale" (the replica is of another app version) or "error" (the shard's own
+tensor (the partial sums) and "compute_s" (the shard's own seconds on the call, so that the router can tell
+its hop from the shard's work), "stale" (the replica is of another app version) or "error" (the shard's own
 code raised), those two with a "detail". No pickle: a frame carries only numbers, so a peer can make the
 other side compute experts and nothing else.
 
@@ -130,6 +131,14 @@ def decode_call(frame: Frame) -> tuple[int, int, str | None, ShardCall]:
 
 
 def encode_answer(
-    request_id: int, status: str, out: Tensor | None = None, detail: str = "", on_channel: bool = False
+    request_id: int,
+    status: str,
+    out: Tensor | None = None,
+    detail: str = "",
+    on_channel: bool = False,
+    compute_s: float | None = None,
 ) -> bytes:
-    return encode({"id": request_id, "status": status, "detail": detail}, [] if out is None else [out], on_channel)
+    header = {"id": request_id, "status": status, "detail": detail}
+    if compute_s is not None:
+        header["compute_s"] = round(compute_s, 6)
+    return encode(header, [] if out is None else [out], on_channel)

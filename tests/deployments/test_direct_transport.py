@@ -27,7 +27,15 @@ from serving.errors import StalePlacementError
 from serving.experts.local import LocalExpertBackend, StackedExperts
 from serving.experts.shard_server import ShardServer
 from serving.experts.sharded import InProcessTransport, ShardCall, ShardedExpertBackend, ShardFailure, run_shard_call
-from serving.metrics import DISPATCH, SHARD_CALLS, SHARD_HEDGES, SHARD_TIMEOUTS, MemorySink
+from serving.metrics import (
+    DISPATCH,
+    SHARD_CALLS,
+    SHARD_COMPUTE,
+    SHARD_HEDGES,
+    SHARD_HOP,
+    SHARD_TIMEOUTS,
+    MemorySink,
+)
 
 HOST = "127.0.0.1"
 CPU = torch.device("cpu")
@@ -179,6 +187,25 @@ def test_calls_go_straight_to_the_replicas_and_come_back_by_shard(servers, trans
     assert sorted(labels["shard"] for name, _, labels in sink.records if name == DISPATCH.name) == ["0", "1"]
     kind = "channel" if rows == "collective" else "direct"
     assert [labels["transport"] for name, _, labels in sink.records if name == SHARD_CALLS.name] == [kind] * 2
+
+
+def test_a_calls_round_trip_splits_into_the_shards_own_time_and_the_hop(servers, transport):
+    slow, fast = servers(Scaling(2.0, delay_s=0.2)), servers(Scaling(3.0))
+    sink = MemorySink()
+    t = transport({0: [endpoint(slow, "slow")], 1: [endpoint(fast, "fast")]}, metrics=sink)
+    for _ in range(3):
+        t.run(0, {0: CALL, 1: CALL})
+
+    def by_shard(metric):
+        records = [(v, labels["shard"]) for name, v, labels in sink.records if name == metric.name]
+        return {s: [v for v, shard in records if shard == s] for s in "01"}
+
+    dispatch, compute, hop = by_shard(DISPATCH), by_shard(SHARD_COMPUTE), by_shard(SHARD_HOP)
+    assert all(len(compute[s]) == len(hop[s]) == len(dispatch[s]) == 3 for s in "01")
+    assert all(0.2 <= c < 0.4 for c in compute["0"]) and all(c < 0.1 for c in compute["1"])  # the handler's sleep
+    assert all(h < 0.1 for h in hop["0"] + hop["1"])  # the sleep is the shard's, not the hop's
+    for s in "01":
+        assert all(abs(c + h - d) < 1e-3 for c, h, d in zip(compute[s], hop[s], dispatch[s], strict=True))
 
 
 def test_sharded_experts_over_the_wire_equal_in_process_experts(servers, transport):

@@ -119,7 +119,11 @@ def test_metrics_reach_prometheus_and_expert_counts_add_up(serve_url, prometheus
         # handles before that (the router's first second); every attempt is counted, none was retried here.
         sent = wait_for(prometheus, f"sum({metric('moe_shard_calls_total')})", lambda v: v >= calls)
         assert sent == calls
-        assert query(prometheus, f"sum({metric('moe_shard_calls_total', transport='direct')})") >= calls / 2
+        direct = query(prometheus, f"sum({metric('moe_shard_calls_total', transport='direct')})")
+        assert direct >= calls / 2
+        # Each direct answer carried the shard's own time: the round trip split into compute and hop, once per call.
+        for part in ("moe_shard_compute_seconds_count", "moe_shard_hop_seconds_count"):
+            assert wait_for(prometheus, f"sum({metric(part)})", lambda v: v >= direct) == direct, part
         layers = wait_for(prometheus, f"count({metric('moe_expert_balancedness_ratio')})", lambda v: v >= 2)
         assert layers == 2
         assert 0 < query(prometheus, f"min({metric('moe_expert_balancedness_ratio')})") <= 1

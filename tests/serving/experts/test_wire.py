@@ -84,8 +84,10 @@ def test_the_server_answers_ok_stale_and_error_and_keeps_the_connection():
             ok = _ask(sock, 1, 3)
             assert ok.header["status"] == "ok" and ok.header["id"] == 1
             assert torch.equal(ok.tensors[0], torch.full((2, 3), 3.0))
+            assert 0 <= ok.header["compute_s"] < 1  # the shard's own time on the call (test_direct_transport times it)
             stale = _ask(sock, 2, 3, version="old")
             assert stale.header["status"] == "stale" and "version new" in stale.header["detail"]
+            assert "compute_s" not in stale.header
             error = _ask(sock, 3, -1)
             assert error.header["status"] == "error" and "layer must be >= 0" in error.header["detail"]
             assert _ask(sock, 4, 2).header["status"] == "ok"  # the same stream still serves
