@@ -4,17 +4,17 @@
     python -m benchmarks.rebalance [--skew zipf:1.4] [--users 8] [--before 40] [--after 40] [--redundant 2]
                                    [--out benchmarks/results]
 
-The app: the Mixtral demo with `make-demo --router-skew` gates (`--model bench`: the bench config, experts of
-2048 x 1408 in bf16, with a skew fitted to its gates, each layer's 32 hottest experts on shard 0), 2 shards on
-contiguous placement (the demo), 1 router.
+The app: the Mixtral demo with `make-demo --router-skew` gates (`--model bench`: `make-demo --arch deepseek_v3
+--size bench --router-skew`, experts of 2048 x 1408 in bf16, each layer's 32 hottest experts on shard 0), 2 shards
+on contiguous placement (the tiny demo), 1 router.
 Phases: `before` (from 10 s after the load starts to the rebalance), `during` (the rebalance call to the app
 RUNNING again on the new version), `after` (from 5 s after that to the end). Per phase:
 - balancedness as the traffic measured it: mean / max of the rows each shard computed
   (moe_shard_rows_total, an exact counter, scraped from Ray's metrics port at each phase's ends), per MoE
   layer and averaged over layers;
 - dispatch latency per shard: p50 and p95 of one MoE layer's call to one shard (moe_dispatch_seconds,
-  interpolated within its buckets) and of the slower shard of each layer (`max`: what a layer waits for,
-  from the per-shard quantiles);
+  interpolated within its buckets; a layer waits for the slower of its shards), and p50 of the part the shard
+  itself spent on the call (moe_shard_compute_seconds; the rest is the hop);
 - output tokens/s (tokens arriving in the phase, whatever request they belong to), ITL p50, failed requests.
 The rebalance's own answer gives the planned and served balancedness from the routers' window.
 """
@@ -95,8 +95,9 @@ def quantile(buckets: dict[float, float], q: float) -> float | None:
     return lower
 
 
-def dispatch_quantiles(hist: dict[frozenset, float]) -> dict[str, dict[str, float | None]]:
-    """{shard: {"p50": s, "p95": s}} of moe_dispatch_seconds between two scrapes."""
+def shard_quantiles(hist: dict[frozenset, float]) -> dict[str, dict[str, float | None]]:
+    """{shard: {"p50": s, "p95": s}} of a per-shard histogram (moe_dispatch_seconds, moe_shard_compute_seconds)
+    between two scrapes."""
     per_shard: dict[str, dict[float, float]] = defaultdict(dict)
     for labels, v in hist.items():
         d = dict(labels)
@@ -125,8 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skew", default=None, help="make-demo --router-skew (default: zipf:1.4 on the demo, "
                         "zipf:0.8 on bench: with top-6 of 64 experts one takes at most 1/6 of the rows)")  # fmt: skip
     parser.add_argument("--model", default="demo", choices=("demo", "bench"),
-                        help="demo: the Mixtral demo; bench: the bench config (experts 2048 x 1408, bf16), the same "
-                        "skew fitted to its gates (default: demo)")  # fmt: skip
+                        help="demo: the Mixtral demo; bench: the deepseek_v3 demo of size bench (experts 2048 x 1408, "
+                        "bf16) (default: demo)")  # fmt: skip
     parser.add_argument("--users", type=int, default=8, help="locust users (default: 8)")
     parser.add_argument("--before", type=float, default=40.0, help="seconds of load before the rebalance")
     parser.add_argument("--after", type=float, default=40.0, help="seconds of load once the new version runs")
@@ -142,9 +143,9 @@ def main(argv: list[str] | None = None) -> None:
         # 64 experts: halves in expert id order carry about the same load whatever the skew, so the run starts
         # from the placement a skew makes worst: each layer's 32 hottest experts on shard 0.
         args.skew = args.skew or "zipf:0.8"
-        model = skewed_bench(folder / "bench", args.skew)
+        model = make_demo(folder / "bench", "deepseek_v3", progress=False, router_skew=args.skew, size="bench")
         cfg = ModelConfig.from_pretrained(model)
-        hot_first = rank_orders(cfg.num_experts, len(cfg.moe_layer_ids), seed=0)  # the order skewed_bench fitted
+        hot_first = rank_orders(cfg.num_experts, len(cfg.moe_layer_ids), seed=0)  # what make_demo fitted (seed 0)
         half = cfg.num_experts // 2
         sizes = {"router_resources": {"num_cpus": 2}, "shard_resources": {"num_cpus": 1}, "placement": "explicit",
                  "explicit_placement": [[order[:half], order[half:]] for order in hot_first]}  # fmt: skip
@@ -182,50 +183,29 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for phase, (a, b, ta, tb) in {"before": (s0, s1, t0, t1), "after": (s2, s3, t3, t4)}.items():
         mean_b, per_layer = rows_balancedness(delta(a, b, "moe_shard_rows_total"))
-        q = dispatch_quantiles(delta(a, b, "moe_dispatch_seconds_bucket"))
+        q = shard_quantiles(delta(a, b, "moe_dispatch_seconds_bucket"))
+        compute = shard_quantiles(delta(a, b, "moe_shard_compute_seconds_bucket"))
         tok_s, itl, failed = tokens_between(records, ta, tb)
-        rows.append(_row(phase, tb - ta, mean_b, per_layer, q, tok_s, itl, failed))
+        rows.append(_row(phase, tb - ta, mean_b, per_layer, q, compute, tok_s, itl, failed))
     tok_s, itl, failed = tokens_between(records, t1, t2)
-    rows.insert(1, _row("during", t2 - t1, None, [], {}, tok_s, itl, failed))
+    rows.insert(1, _row("during", t2 - t1, None, [], {}, {}, tok_s, itl, failed))
     meta = machine_meta(model=args.model, skew=args.skew, users=args.users, redundant=args.redundant, started=t_start,
                         planned=round(outcome["balancedness"], 3), served=round(outcome["current_balancedness"], 3),
                         placement=outcome["placement"])  # fmt: skip
     columns = {
         "phase": "phase", "seconds": "seconds", "balancedness (rows)": "balancedness", "per layer": "per_layer",
-        "dispatch p50 ms (shard 0 / 1)": "p50", "dispatch p95 ms (shard 0 / 1)": "p95", "output tok/s": "tok_s",
+        "dispatch p50 ms (shard 0 / 1)": "p50", "dispatch p95 ms (shard 0 / 1)": "p95",
+        "shard compute p50 ms (shard 0 / 1)": "compute_p50", "output tok/s": "tok_s",
         "ITL p50 ms": "itl", "failed": "failed",
     }  # fmt: skip
     write_report(args.out, "rebalance", meta, rows, columns)
-
-
-def skewed_bench(out: Path, skew: str) -> Path:
-    """The bench checkpoint (benchmarks/engines.py: servable over HTTP) with its gates' selection bias fitted so
-    that each MoE layer's load follows `skew` (serving/router_skew.py, what make-demo --router-skew does)."""
-    import json
-    import shutil
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from benchmarks.engines import serving_checkpoint
-    from serving.router_skew import calibration_prompts, parse_router_skew, skew_gates
-    from serving.tokenizer import Tokenizer
-
-    source = serving_checkpoint("bench", Path(tempfile.gettempdir()) / "moe-serve-bench")
-    shutil.copytree(source, out)
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
-    skew_gates(model, parse_router_skew(skew), seed=0, prompts=calibration_prompts(Tokenizer(out)))
-    config = json.loads((out / "config.json").read_text())
-    model.save_pretrained(out)
-    (out / "config.json").write_text(json.dumps(config, indent=2))  # the routing fields vLLM and we read
-    return out
 
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:.1f}"
 
 
-def _row(phase, seconds, mean_b, per_layer, q, tok_s, itl, failed) -> dict[str, Any]:
+def _row(phase, seconds, mean_b, per_layer, q, compute, tok_s, itl, failed) -> dict[str, Any]:
     return {
         "phase": phase,
         "seconds": round(seconds, 1),
@@ -233,6 +213,7 @@ def _row(phase, seconds, mean_b, per_layer, q, tok_s, itl, failed) -> dict[str, 
         "per_layer": " / ".join(f"{b:.2f}" for b in per_layer) or "-",
         "p50": " / ".join(_ms(v["p50"]) for v in q.values()) or "-",
         "p95": " / ".join(_ms(v["p95"]) for v in q.values()) or "-",
+        "compute_p50": " / ".join(_ms(v["p50"]) for v in compute.values()) or "-",
         "tok_s": round(tok_s, 1),
         "itl": _ms(itl),
         "failed": failed,

@@ -1,7 +1,8 @@
 """`moe-serve`: the one command-line entry point.
 
     moe-serve make-demo [--arch mixtral] [--out DIR]     write a small checkpoint (--fp8: DeepSeek-V3's fp8 layout;
-                                                         --router-skew zipf:S: expert load ~ rank^-S)
+                                                         --router-skew zipf:S: expert load ~ rank^-S;
+                                                         --size bench: DeepSeek-V2-Lite's expert shapes)
     moe-serve generate --model DIR --prompt TEXT         complete a raw prompt in this process
     moe-serve run [--config FILE] [--model DIR] ...      serve the OpenAI API on a local Ray cluster
     moe-serve plan --model DIR --gpu-memory GiB ...      size a GPU deployment (shards, routers, KV room)
@@ -29,13 +30,13 @@ def _make_demo(args: argparse.Namespace) -> int:
     from serving.demo import make_demo
     from serving.errors import ConfigError
 
-    kind = f"{args.arch}{'-fp8' if args.fp8 else ''}"
+    kind = f"{args.arch}{'-bench' if args.size == 'bench' else ''}{'-fp8' if args.fp8 else ''}"
     if args.router_skew:
         kind += f"-{args.router_skew.strip().replace(':', '')}"  # demo-mixtral-zipf1.0
     out = Path(args.out or f".data/demo-{kind}")
     try:
         make_demo(out, arch=args.arch, seed=args.seed, fused_experts=args.fused_experts, progress=True, fp8=args.fp8,
-                  router_skew=args.router_skew)  # fmt: skip
+                  router_skew=args.router_skew, size=args.size)  # fmt: skip
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -312,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--router-skew", metavar="zipf:S",
         help="bias the gates so each MoE layer's expert load follows Zipf(S): the rank-r expert gets load ~ r^-S "
         "(e.g. zipf:1.0; ranks drawn per layer from --seed)",
+    )  # fmt: skip
+    demo.add_argument(
+        "--size", choices=("tiny", "bench"), default="tiny",
+        help="tiny (default): experts of 64, float32, ~2 MB; bench (deepseek_v3): DeepSeek-V2-Lite's expert shapes "
+        "(64 experts of 2048 x 1408, top-6), bfloat16, ~3.7 GB, where a shard's compute outweighs its hop on CPU",
     )  # fmt: skip
     demo.set_defaults(func=_make_demo)
 

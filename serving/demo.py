@@ -8,6 +8,7 @@ engine, transformers and vLLM all load the same folder. Same arguments, same byt
 >>> make_demo(Path("demo-fused"), fused_experts=True)      # experts stacked: gate_up_proj [E, 2I, D]
 >>> make_demo(Path("demo-fp8"), arch="deepseek_v3", fp8=True)  # DeepSeek-V3's block-wise fp8 layout
 >>> make_demo(Path("demo-skewed"), router_skew="zipf:1.0")     # expert load ~ rank^-1 (serving/router_skew.py)
+>>> make_demo(Path("demo-bench"), arch="deepseek_v3", size="bench")  # DeepSeek-V2-Lite's expert shapes, bf16
 
 Parity tests that build their own transformers model save it the same way:
 
@@ -110,6 +111,19 @@ _ARCH_FIELDS = {
 # so edge blocks appear in rows and columns, alone (kv_b_proj [256, 64]) and after full ones.
 FP8_DEMO_OVERRIDES: dict[str, object] = dict(hidden_size=192, intermediate_size=320, moe_intermediate_size=160,
                                              q_lora_rank=96)  # fmt: skip
+# size="bench" (deepseek_v3): DeepSeek-V2-Lite's expert shapes, the bench model of benchmarks/engine.py on the
+# demo tokenizer. Hidden 2048, 64 routed experts of 1408 (top-6, one group), 2 shared, MLA with a latent of 512,
+# 4 layers (the first dense), bfloat16, ~3.7 GB. Its experts are big enough that on a CPU a shard's compute, not
+# its hop, sets a MoE layer's time: what sharding, placement and rebalancing change (the tiny demo's experts
+# compute in microseconds). Matrices ~ N(0, 0.1 * sqrt(128 / 2048)): activations of the tiny demo's scale.
+SIZES = ("tiny", "bench")
+BENCH_DEMO_OVERRIDES: dict[str, object] = dict(
+    hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=4,
+    num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64, num_experts_per_tok=6, n_group=1,
+    topk_group=1, n_shared_experts=2, routed_scaling_factor=1.0, norm_topk_prob=False, kv_lora_rank=512,
+    qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, max_position_embeddings=4096, dtype="bfloat16",
+)  # fmt: skip
+BENCH_MATRIX_STD = MATRIX_STD * (128 / 2048) ** 0.5
 # What DeepSeek-V3/R1 publish in config.json.
 FP8_QUANTIZATION_CONFIG = {
     "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128],
@@ -169,17 +183,17 @@ def demo_config(arch: str, vocab_size: int, **overrides: object) -> PreTrainedCo
     return config_class(architectures=architectures, **fields)
 
 
-def init_weights(model: PreTrainedModel, seed: int) -> None:
+def init_weights(model: PreTrainedModel, seed: int, matrix_std: float = MATRIX_STD) -> None:
     """Overwrite every saved tensor of `model` from one seeded generator, in sorted-name order.
 
-    Matrices and embeddings ~ N(0, 0.1); norm weights = 1; biases ~ N(0, 0.02); DeepSeek's
+    Matrices and embeddings ~ N(0, matrix_std) (0.1); norm weights = 1; biases ~ N(0, 0.02); DeepSeek's
     e_score_correction_bias ~ N(0, 0.05). Raises ValueError naming a 1-D tensor of unknown kind.
     """
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in sorted(model.state_dict().items()):
             if tensor.ndim >= 2:
-                std = MATRIX_STD
+                std = matrix_std
             elif name.endswith("e_score_correction_bias"):
                 std = SCORE_BIAS_STD
             elif name.endswith(".bias"):
@@ -266,37 +280,47 @@ def make_demo(
     progress: bool = True,
     fp8: bool = False,
     router_skew: str | None = None,
+    size: str = "tiny",
 ) -> Path:
     """Write the demo checkpoint of `arch` to `out_dir` and return it.
 
+    size="bench" (deepseek_v3 only) writes it with BENCH_DEMO_OVERRIDES: experts of DeepSeek-V2-Lite's shapes,
+    in bfloat16 (~3.7 GB), for sharding and rebalancing measurements where expert compute must count.
     fp8=True (deepseek_v3 only) writes the deepseek_v3 demo with FP8_DEMO_OVERRIDES in DeepSeek-V3's
     block-wise fp8 layout (`quantize_checkpoint_fp8`, 128 x 128 blocks). router_skew="zipf:S" biases the
     gates so that each MoE layer's expert load follows a Zipf law of exponent S (serving/router_skew.py).
     Deterministic: the same arguments give byte-identical files. `progress` shows a tqdm bar over the
     steps tokenizer, config, weights, save. Raises ConfigError for an unknown arch, fp8 with another arch,
-    or a bad or too steep router skew.
+    or a bad or too steep router skew, an unknown size, or size "bench" with another arch or fp8.
     """
     out_dir = Path(out_dir)
     if arch not in ARCHS:
         raise ConfigError(f"unknown demo arch {arch!r}; choose one of {', '.join(ARCHS)}")
     if fp8 and arch != "deepseek_v3":
         raise ConfigError(f"fp8 demo: only arch 'deepseek_v3' (DeepSeek-V3's fp8 layout), not {arch!r}")
+    if size not in SIZES:
+        raise ConfigError(f"unknown demo size {size!r}; choose one of {', '.join(SIZES)}")
+    if size == "bench" and (arch != "deepseek_v3" or fp8):
+        raise ConfigError(
+            f"demo size 'bench': only arch 'deepseek_v3' without fp8, not {arch!r}{' fp8' if fp8 else ''}"
+        )
+    bench = size == "bench"
     skew = parse_router_skew(router_skew) if router_skew is not None else None
-    desc = f"make-demo {arch}{' fp8' if fp8 else ''}{f' {skew.spec()}' if skew else ''}"
+    desc = f"make-demo {arch}{' bench' if bench else ''}{' fp8' if fp8 else ''}{f' {skew.spec()}' if skew else ''}"
     with tqdm(total=4, desc=desc, unit="step", disable=not progress) as bar:
         bar.set_postfix_str("tokenizer")
         train_tokenizer(out_dir)
         bar.update()
         bar.set_postfix_str("config")
         vocab_size = RustTokenizer.from_file(str(out_dir / "tokenizer.json")).get_vocab_size()
-        config = demo_config(arch, vocab_size, **(FP8_DEMO_OVERRIDES if fp8 else {}))
+        config = demo_config(arch, vocab_size, **(FP8_DEMO_OVERRIDES if fp8 else BENCH_DEMO_OVERRIDES if bench else {}))
         bar.update()
         bar.set_postfix_str("weights")
         # from_config draws from the global RNG: seed it, but leave the caller's RNG state alone.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        init_weights(model, seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if bench else torch.float32)
+        init_weights(model, seed, BENCH_MATRIX_STD if bench else MATRIX_STD)
         if skew is not None:
             skew_gates(model, skew, seed, calibration_prompts(Tokenizer(out_dir)))
         bar.update()

@@ -37,8 +37,10 @@ from serving.engine_client import EngineClient, RequestOutput, SamplingParams
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5.0)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-# One shard call and its parts: a direct hop is ~0.3-1 ms, a call's compute from ~0.1 ms (1 row) up
-SHARD_CALL_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# One shard call and its parts: a direct hop is ~0.3-1 ms, a call's compute from ~0.1 ms (1 row) up. Steps of
+# 1.5-2x up to 100 ms, so that quantiles interpolated within a bucket (PromQL's histogram_quantile) are close.
+SHARD_CALL_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
+                      0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 # (token, expert) rows of one shard call: up to max_batched_tokens x top-k in a prefill step
 SHARD_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from serving.demo import (
     ARCHS,
+    BENCH_DEMO_OVERRIDES,
     DEMO_VOCAB_SIZE,
     demo_config,
     init_weights,
@@ -17,6 +18,7 @@ from serving.demo import (
     save_hf_checkpoint,
 )
 from serving.errors import ConfigError
+from serving.model.config import ModelConfig
 from serving.tokenizer import Tokenizer
 
 PROMPT = torch.tensor([[1, 17, 300, 42, 999, 5, 64]])
@@ -154,3 +156,18 @@ def test_fp8_demo_is_byte_identical_across_runs_and_only_for_deepseek(tmp_path):
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
     with pytest.raises(ConfigError, match="fp8 demo: only arch 'deepseek_v3'"):
         make_demo(tmp_path / "c", "qwen3_moe", fp8=True, progress=False)
+
+
+def test_the_bench_size_has_deepseek_v2_lite_expert_shapes_and_only_for_deepseek(tmp_path):
+    # The config only: the checkpoint itself is ~3.7 GB (benchmarks/rebalance.py --model bench builds it).
+    demo_config("deepseek_v3", DEMO_VOCAB_SIZE, **BENCH_DEMO_OVERRIDES).save_pretrained(tmp_path)
+    cfg = ModelConfig.from_pretrained(tmp_path)
+    assert (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.top_k) == (2048, 1408, 64, 6)
+    assert cfg.moe_layer_ids == (1, 2, 3)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    with pytest.raises(ConfigError, match="demo size 'bench': only arch 'deepseek_v3' without fp8, not 'mixtral'"):
+        make_demo(tmp_path / "a", "mixtral", size="bench", progress=False)
+    with pytest.raises(ConfigError, match="without fp8, not 'deepseek_v3' fp8"):
+        make_demo(tmp_path / "b", "deepseek_v3", fp8=True, size="bench", progress=False)
+    with pytest.raises(ConfigError, match="unknown demo size 'huge'; choose one of tiny, bench"):
+        make_demo(tmp_path / "c", "deepseek_v3", size="huge", progress=False)
