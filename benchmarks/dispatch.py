@@ -43,7 +43,7 @@ from router.placement import Placement
 from serving.experts.loading import load_experts
 from serving.experts.local import LocalExpertBackend
 from serving.experts.sharded import Collect, ShardCall, ShardedExpertBackend, ShardTransport
-from serving.metrics import SHARD_COMPUTE, SHARD_HOP, MemorySink
+from serving.metrics import DISPATCH, SHARD_COMPUTE, SHARD_HOP, MemorySink
 from serving.model.checkpoint import Checkpoint
 from serving.model.config import ModelConfig
 
@@ -138,8 +138,8 @@ def measure(path: Path, name: str, args: argparse.Namespace, dtype: torch.dtype)
 
 class TimedTransport:
     """A ShardTransport that times the one it wraps, summed over a step's MoE layers: sending the calls and
-    waiting for the answers, and from the wrapped transport's metrics (a MemorySink) the slower shard's own
-    compute and hop in each layer (the last answer read is the slower shard's)."""
+    waiting for the answers, and from the wrapped transport's metrics (a MemorySink) the own compute and the
+    hop of each layer's slower shard."""
 
     def __init__(self, transport: ShardTransport, sink: MemorySink):
         self.transport, self.sink = transport, sink
@@ -157,9 +157,18 @@ class TimedTransport:
             mark, began = len(self.sink.records), time.perf_counter()
             out = collect()
             self.wait_s += time.perf_counter() - began
-            answers = self.sink.records[mark:]
-            self.compute_s += next((v for n, v, _ in reversed(answers) if n == SHARD_COMPUTE.name), 0.0)
-            self.hop_s += next((v for n, v, _ in reversed(answers) if n == SHARD_HOP.name), 0.0)
+            # Each answer recorded its round trip, then its compute and hop: the slower shard's is the longest trip
+            # (not the last read: answers that arrived during the shared experts are read in any order).
+            answers: list[dict[str, float]] = []
+            for name, value, _ in self.sink.records[mark:]:
+                if name == DISPATCH.name:
+                    answers.append({})
+                if answers and name in (DISPATCH.name, SHARD_COMPUTE.name, SHARD_HOP.name):
+                    answers[-1][name] = value
+            if answers:
+                slower = max(answers, key=lambda a: a[DISPATCH.name])
+                self.compute_s += slower.get(SHARD_COMPUTE.name, 0.0)
+                self.hop_s += slower.get(SHARD_HOP.name, 0.0)
             return out
 
         return timed_collect
