@@ -71,8 +71,11 @@ def deploy_shards(path: Path, placement: Placement, dtype: str):
     return handles
 
 
-def measure(path: Path, name: str, args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
-    """Hop overhead and sharded/fused times of one model's first MoE layer at each token count."""
+def measure(
+    path: Path, name: str, args: argparse.Namespace, dtype: torch.dtype
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """Rows of the three tables for one model: hop overhead and sharded/fused times of its first MoE layer at
+    each token count, whole decode steps (measure_steps), and where a sharded step's time goes (profile_steps)."""
     from ray import serve
 
     from deployments.direct_transport import DirectTransport, serve_discovery
@@ -84,7 +87,8 @@ def measure(path: Path, name: str, args: argparse.Namespace, dtype: torch.dtype)
     placement = Placement.contiguous(cfg.num_experts, args.shards)
     handles = deploy_shards(path, placement, args.dtype)
     transports = {"handles": HandleTransport(handles)}
-    transports["direct"] = DirectTransport(transports["handles"], serve_discovery(handles), len(handles))
+    sink = MemorySink()  # the direct transport's metrics: the step profile reads each answer's compute and hop
+    transports["direct"] = DirectTransport(transports["handles"], serve_discovery(handles), len(handles), metrics=sink)
     transports["channels"] = DirectTransport(transports["handles"], serve_discovery(handles), len(handles),
                                              row_device=torch.device("cpu"))  # fmt: skip
     while not all(transports[k].endpoints(s) for k in ("direct", "channels") for s in range(len(handles))):
@@ -123,12 +127,7 @@ def measure(path: Path, name: str, args: argparse.Namespace, dtype: torch.dtype)
         each = "  ".join(f"{kind} {ms[kind]:8.2f} ms (hop {hop_ms[kind]:.2f})" for kind in transports)
         print(f"{name:>6} T={tokens:<4} fused {ms['fused']:8.2f} ms  {each}", flush=True)
     steps = measure_steps(path, name, args, dtype, fused, placement, transports)
-    sink = MemorySink()
-    profiled = DirectTransport(transports["handles"], serve_discovery(handles), len(handles), metrics=sink)
-    while not all(profiled.endpoints(s) for s in range(len(handles))):
-        time.sleep(0.1)
-    profile = profile_steps(path, name, args, dtype, fused, placement, TimedTransport(profiled, sink))
-    profiled.close()
+    profile = profile_steps(path, name, args, dtype, fused, placement, TimedTransport(transports["direct"], sink))
     transports["direct"].close()
     transports["channels"].close()
     for i in range(placement.num_shards):

@@ -300,11 +300,11 @@ def make_demo(
         raise ConfigError(f"fp8 demo: only arch 'deepseek_v3' (DeepSeek-V3's fp8 layout), not {arch!r}")
     if size not in SIZES:
         raise ConfigError(f"unknown demo size {size!r}; choose one of {', '.join(SIZES)}")
-    if size == "bench" and (arch != "deepseek_v3" or fp8):
+    bench = size == "bench"
+    if bench and (arch != "deepseek_v3" or fp8):
         raise ConfigError(
             f"demo size 'bench': only arch 'deepseek_v3' without fp8, not {arch!r}{' fp8' if fp8 else ''}"
         )
-    bench = size == "bench"
     skew = parse_router_skew(router_skew) if router_skew is not None else None
     desc = f"make-demo {arch}{' bench' if bench else ''}{' fp8' if fp8 else ''}{f' {skew.spec()}' if skew else ''}"
     with tqdm(total=4, desc=desc, unit="step", disable=not progress) as bar:
