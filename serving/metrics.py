@@ -79,6 +79,10 @@ EXPERT_KERNEL = Metric("moe_expert_kernel_info", "gauge", "1 for the expert kern
                        "a replica holding experts runs.", labels=("model", "kernel"))  # fmt: skip
 DISPATCH = Metric("moe_dispatch_seconds", "histogram", "One MoE layer's call to one shard, send to result.",
                   labels=("model", "shard"), buckets=SHARD_CALL_BUCKETS)  # fmt: skip
+LAYER_DISPATCH = Metric("moe_layer_dispatch_seconds", "histogram", "One MoE layer's routed experts over the shards, "
+                        "first send to the last answer in (retries included): the layer's wait for its slower shard, "
+                        "what a placement's balance changes.", labels=("model", "layer"),
+                        buckets=SHARD_CALL_BUCKETS)  # fmt: skip
 # moe_dispatch_seconds split in two, for calls over the direct transport (the shard reports its part)
 SHARD_COMPUTE = Metric("moe_shard_compute_seconds", "histogram", "The shard replica's own time on one call, as "
                        "its answer reports it: its experts, and the result's copy to the host (direct transport).",
@@ -122,9 +126,9 @@ RETRIEVAL_ERRORS = Metric("moe_retrieval_errors_total", "counter", "Searches tha
                           labels=("model", "reason"))  # fmt: skip
 
 ALL = (TTFT, ITL, E2E, QUEUE, PROMPT_TOKENS, GENERATED_TOKENS, RUNNING, WAITING, KV_USAGE, STEP, BATCH,
-       EXPERT_TOKENS, EXPERT_KERNEL, DISPATCH, SHARD_COMPUTE, SHARD_HOP, SHARD_CALL_ROWS, SHARD_ROWS, BALANCEDNESS,
-       SHARD_RETRIES, SHARD_CALLS, SHARD_TIMEOUTS, SHARD_HEDGES, SHARD_FAILOVERS, MIGRATIONS, REBALANCES, HTTP_REQUESTS,
-       RETRIEVAL, RETRIEVAL_ERRORS)  # fmt: skip
+       EXPERT_TOKENS, EXPERT_KERNEL, DISPATCH, LAYER_DISPATCH, SHARD_COMPUTE, SHARD_HOP, SHARD_CALL_ROWS, SHARD_ROWS,
+       BALANCEDNESS, SHARD_RETRIES, SHARD_CALLS, SHARD_TIMEOUTS, SHARD_HEDGES, SHARD_FAILOVERS, MIGRATIONS, REBALANCES,
+       HTTP_REQUESTS, RETRIEVAL, RETRIEVAL_ERRORS)  # fmt: skip
 
 
 class MetricsSink(Protocol):

@@ -47,6 +47,7 @@ from serving.experts.backend import LayerExperts
 from serving.experts.shard_rows import ShardRowsWindow
 from serving.metrics import (
     BALANCEDNESS,
+    LAYER_DISPATCH,
     SHARD_CALL_ROWS,
     SHARD_FAILOVERS,
     SHARD_RETRIES,
@@ -186,6 +187,7 @@ class ShardedExpertBackend:
         self._first_layer: int | None = None  # the MoE layer each step starts with (the first one called)
         self._next_report = float("-inf")
         self._row_labels: dict[tuple[int, int], dict[str, str]] = {}  # (layer, shard) -> labels of the rows metrics
+        self._layer_labels: dict[int, dict[str, str]] = {}  # layer -> labels of moe_layer_dispatch_seconds
         self.replicated = any(lay.replicated for lay in layouts)  # any layer: the probes serve them all
         self.failed: set[int] = set()  # shards replicated experts keep off until they answer again
         self._probing: set[int] = set()
@@ -211,8 +213,9 @@ class ShardedExpertBackend:
         elif self._first_layer is None:
             self._first_layer = layer
         out = torch.zeros_like(hidden)  # [T, D]
+        sent_at = time.perf_counter()
         first_round = self._start_round(layer, layout, hidden, flatten(weights, ids))
-        return InFlight(self, layer, layout, hidden, out, first_round)
+        return InFlight(self, layer, layout, hidden, out, first_round, sent_at)
 
     def _complete(self, flight: InFlight) -> Tensor:
         """Wait for the first round, then retry what failed until every row has its partial sums (or give up)."""
@@ -246,6 +249,12 @@ class ShardedExpertBackend:
                 time.sleep(min(pause, max(0.0, deadline - now)))
                 pause = min(2 * pause, self.policy.max_pause_s)
             batches, failed = self._finish_round(layer, *self._start_round(layer, layout, hidden, pending), out)
+        # Answers are read when the layer needs them: router work in between (the shared expert, the other
+        # micro-batch) counts here as it does in each shard's moe_dispatch_seconds.
+        labels = self._layer_labels.get(layer)
+        if labels is None:
+            labels = self._layer_labels[layer] = {"model": self.model, "layer": str(layer)}
+        self.metrics.record(LAYER_DISPATCH, time.perf_counter() - flight.sent_at, labels)
         return out
 
     def _start_round(
@@ -349,6 +358,7 @@ class InFlight:
     hidden: Tensor  # [T, D]
     out: Tensor  # [T, D] the partial sums are added into
     first_round: tuple[list[ShardBatch | None], Collect]
+    sent_at: float  # time.perf_counter() as the first round was sent
 
     def result(self) -> Tensor:
         return self.backend._complete(self)

@@ -318,7 +318,7 @@ def test_metrics_are_scraped_and_the_dashboard_shows_them():
     exprs = " ".join(
         t["expr"] for p in json.loads(dashboard["data"]["grafana-dashboard.json"])["panels"] for t in p["targets"]
     )
-    shown = [metrics.TTFT, metrics.ITL, metrics.E2E, metrics.DISPATCH, metrics.SHARD_CALL_ROWS]  # panels use _bucket
+    shown = [metrics.TTFT, metrics.ITL, metrics.E2E, metrics.DISPATCH, metrics.LAYER_DISPATCH, metrics.SHARD_CALL_ROWS]
     counted = [metrics.GENERATED_TOKENS, metrics.WAITING, metrics.KV_USAGE, metrics.EXPERT_TOKENS]
     counted += [metrics.SHARD_RETRIES, metrics.SHARD_TIMEOUTS, metrics.SHARD_HEDGES, metrics.SHARD_FAILOVERS]
     counted += [metrics.MIGRATIONS, metrics.SHARD_ROWS, metrics.BALANCEDNESS, metrics.REBALANCES, metrics.SHARD_CALLS]

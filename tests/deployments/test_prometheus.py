@@ -124,6 +124,12 @@ def test_metrics_reach_prometheus_and_expert_counts_add_up(serve_url, prometheus
         # Each direct answer carried the shard's own time: the round trip split into compute and hop, once per call.
         for part in ("moe_shard_compute_seconds_count", "moe_shard_hop_seconds_count"):
             assert wait_for(prometheus, f"sum({metric(part)})", lambda v: v >= direct) == direct, part
+        # One wait per step and MoE layer, however many shards it called: the prefill and max_tokens - 1 decodes.
+        waits = wait_for(
+            prometheus, f"sum({metric('moe_layer_dispatch_seconds_count')})", lambda v: v >= max_tokens * 2
+        )
+        assert waits == max_tokens * 2
+        assert query(prometheus, f"count({metric('moe_layer_dispatch_seconds_count')})") == 2  # a series per layer
         layers = wait_for(prometheus, f"count({metric('moe_expert_balancedness_ratio')})", lambda v: v >= 2)
         assert layers == 2
         assert 0 < query(prometheus, f"min({metric('moe_expert_balancedness_ratio')})") <= 1

@@ -1,7 +1,10 @@
-"""Rows per shard and balancedness per layer: what the sharded backend records is what it sent (replicated
-experts' rows as split, failed calls not counted), and its balancedness is router/planner.py's."""
+"""Rows per shard, balancedness and dispatch latency per layer: what the sharded backend records is what it sent
+(replicated experts' rows as split, failed calls not counted), its balancedness is router/planner.py's, and a
+layer's dispatch lasts until its slower shard's answer is in, retries included."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ from router.placement import LayeredPlacement, Placement
 from router.planner import balancedness
 from serving.experts.shard_rows import BUCKETS, ShardRowsWindow
 from serving.experts.sharded import BALANCE_REPORT_S, RetryPolicy, ShardedExpertBackend
-from serving.metrics import BALANCEDNESS, SHARD_CALL_ROWS, SHARD_ROWS, MemorySink
+from serving.metrics import BALANCEDNESS, LAYER_DISPATCH, SHARD_CALL_ROWS, SHARD_ROWS, MemorySink
 from tests.serving.experts.test_sharded import (
     LAYER,
     CountingTransport,
@@ -175,3 +178,54 @@ def test_balancedness_is_set_as_a_step_starts_at_most_every_few_seconds():
 def test_a_window_of_other_shards_is_refused():
     with pytest.raises(ValueError, match="shard_rows counts 3 shards, the placement has 2"):
         ShardedExpertBackend(Placement.contiguous(E, 2), CountingTransport({}), shard_rows=ShardRowsWindow(3, 60.0))
+
+
+class SlowShardTransport(FlakyTransport):
+    """Shard `slow`'s answers take `delay_s` to arrive (its collect waits that long after the send)."""
+
+    def __init__(self, shards, slow: int, delay_s: float, fails=None):
+        super().__init__(shards, fails or {})
+        self.slow, self.delay_s = slow, delay_s
+
+    def start(self, layer, calls):
+        sent, results = time.perf_counter(), self.run(layer, calls)
+
+        def collect():
+            if self.slow in calls:
+                time.sleep(max(0.0, sent + self.delay_s - time.perf_counter()))
+            return results
+
+        return collect
+
+
+def layer_waits(sink: MemorySink) -> list[float]:
+    out = []
+    for name, value, labels in sink.records:
+        if name == LAYER_DISPATCH.name:
+            assert labels == {"model": "m", "layer": str(LAYER)}
+            out.append(value)
+    return out
+
+
+def test_a_layers_dispatch_lasts_until_its_slower_shard_answers_once_per_layer_call():
+    placement, shards, hidden, weights, ids = _hot_expert_step()
+    sink = MemorySink()
+    backend = sharded(placement, SlowShardTransport(shards, slow=1, delay_s=0.2), sink)
+    backend(LAYER, hidden, weights, ids)
+    backend(LAYER, hidden, weights, ids)
+    waits = layer_waits(sink)
+    assert len(waits) == 2 and all(0.2 <= w < 1.0 for w in waits)
+    fast = MemorySink()
+    sharded(placement, SlowShardTransport(shards, slow=5, delay_s=0.2), fast)(LAYER, hidden, weights, ids)
+    assert layer_waits(fast)[0] < 0.2  # no shard of this step is slow
+
+
+def test_a_layers_dispatch_counts_its_retries_once():
+    placement, shards, hidden, weights, ids = _hot_expert_step()
+    sink = MemorySink()
+    transport = SlowShardTransport(shards, slow=1, delay_s=0.1, fails={0: 1})  # shard 0 fails its first call
+    backend = sharded(placement, transport, sink, policy=RetryPolicy(pause_s=0.001))
+    backend(LAYER, hidden, weights, ids)
+    # two rounds, each waiting 0.1 s for shard 1 (the second carries the rows moved off shard 0)
+    [wait] = layer_waits(sink)
+    assert len(transport.calls) == 2 and wait >= 0.2
