@@ -2,7 +2,8 @@
 
     moe-serve make-demo [--arch mixtral] [--out DIR]     write a small checkpoint (--fp8: DeepSeek-V3's fp8 layout;
                                                          --router-skew zipf:S: expert load ~ rank^-S;
-                                                         --size bench: DeepSeek-V2-Lite's expert shapes)
+                                                         --size bench: DeepSeek-V2-Lite's or Qwen3-30B-A3B's
+                                                         expert shapes)
     moe-serve generate --model DIR --prompt TEXT         complete a raw prompt in this process
     moe-serve run [--config FILE] [--model DIR] ...      serve the OpenAI API on a local Ray cluster
     moe-serve plan --model DIR --gpu-memory GiB ...      size a GPU deployment (shards, routers, KV room)
@@ -316,8 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     demo.add_argument(
         "--size", choices=("tiny", "bench"), default="tiny",
-        help="tiny (default): experts of 64, float32, ~2 MB; bench (deepseek_v3): DeepSeek-V2-Lite's expert shapes "
-        "(64 experts of 2048 x 1408, top-6), bfloat16, ~3.7 GB, where a shard's compute outweighs its hop on CPU",
+        help="tiny (default): experts of 64, float32, ~2 MB; bench: a real model's expert shapes in bfloat16, where "
+        "a shard's compute outweighs its hop on CPU: deepseek_v3 DeepSeek-V2-Lite's (64 experts of 2048 x 1408, "
+        "top-6, 2 shared; ~3.7 GB), qwen3_moe Qwen3-30B-A3B's (128 experts of 2048 x 768, top-8; ~3.5 GB)",
     )  # fmt: skip
     demo.set_defaults(func=_make_demo)
 

@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+NO_CONTENT = "no chunk carried content (no TTFT)"  # the stream was whole, but its tokens decoded to no text
+
 
 @dataclass
 class Timing:
@@ -106,5 +108,5 @@ def time_stream(lines: Iterable[bytes | str], sent: float, clock: Callable[[], f
     if timing.error is None and not done:
         timing.error = "stream ended without data: [DONE]"
     elif timing.error is None and timing.ttft is None:
-        timing.error = "no chunk carried content (no TTFT)"
+        timing.error = NO_CONTENT
     return timing

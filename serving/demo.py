@@ -111,18 +111,29 @@ _ARCH_FIELDS = {
 # so edge blocks appear in rows and columns, alone (kv_b_proj [256, 64]) and after full ones.
 FP8_DEMO_OVERRIDES: dict[str, object] = dict(hidden_size=192, intermediate_size=320, moe_intermediate_size=160,
                                              q_lora_rank=96)  # fmt: skip
-# size="bench" (deepseek_v3): DeepSeek-V2-Lite's expert shapes, the bench model of benchmarks/engine.py on the
-# demo tokenizer. Hidden 2048, 64 routed experts of 1408 (top-6, one group), 2 shared, MLA with a latent of 512,
-# 4 layers (the first dense), bfloat16, ~3.7 GB. Its experts are big enough that on a CPU a shard's compute, not
-# its hop, sets a MoE layer's time: what sharding, placement and rebalancing change (the tiny demo's experts
-# compute in microseconds). Matrices ~ N(0, 0.1 * sqrt(128 / 2048)): activations of the tiny demo's scale.
+# size="bench": experts of a real model's shapes on the demo tokenizer, big enough that on a CPU a shard's
+# compute, not its hop, sets a MoE layer's time: what sharding, placement and rebalancing change (the tiny demo's
+# experts compute in microseconds). bfloat16, 3 MoE layers, ~3.7 GB each. Matrices ~ N(0, 0.1 * sqrt(128 / 2048)):
+# activations of the tiny demo's scale.
+# - deepseek_v3: DeepSeek-V2-Lite's shapes, the bench model of benchmarks/engine.py. Hidden 2048, 64 routed
+#   experts of 1408 (top-6, one group), 2 shared, MLA with a latent of 512, 4 layers (the first dense).
+# - qwen3_moe: Qwen3-30B-A3B's shapes (transformers' Qwen3MoeConfig defaults). Hidden 2048, 128 experts of 768
+#   (top-8), no shared expert, GQA 32 query / 4 KV heads, 3 layers. With no shared expert the router has nothing
+#   to compute while a layer's experts run, so on a small CPU machine the shards have its cores to themselves.
 SIZES = ("tiny", "bench")
-BENCH_DEMO_OVERRIDES: dict[str, object] = dict(
-    hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=4,
-    num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64, num_experts_per_tok=6, n_group=1,
-    topk_group=1, n_shared_experts=2, routed_scaling_factor=1.0, norm_topk_prob=False, kv_lora_rank=512,
-    qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, max_position_embeddings=4096, dtype="bfloat16",
-)  # fmt: skip
+BENCH_OVERRIDES: dict[str, dict[str, object]] = {
+    "deepseek_v3": dict(
+        hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=4,
+        num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64, num_experts_per_tok=6, n_group=1,
+        topk_group=1, n_shared_experts=2, routed_scaling_factor=1.0, norm_topk_prob=False, kv_lora_rank=512,
+        qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, max_position_embeddings=4096, dtype="bfloat16",
+    ),
+    "qwen3_moe": dict(
+        hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=3,
+        num_attention_heads=32, num_key_value_heads=4, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+        max_position_embeddings=4096, dtype="bfloat16",
+    ),
+}  # fmt: skip
 BENCH_MATRIX_STD = MATRIX_STD * (128 / 2048) ** 0.5
 # What DeepSeek-V3/R1 publish in config.json.
 FP8_QUANTIZATION_CONFIG = {
@@ -284,14 +295,15 @@ def make_demo(
 ) -> Path:
     """Write the demo checkpoint of `arch` to `out_dir` and return it.
 
-    size="bench" (deepseek_v3 only) writes it with BENCH_DEMO_OVERRIDES: experts of DeepSeek-V2-Lite's shapes,
-    in bfloat16 (~3.7 GB), for sharding and rebalancing measurements where expert compute must count.
+    size="bench" (deepseek_v3 and qwen3_moe) writes it with BENCH_OVERRIDES[arch]: experts of DeepSeek-V2-Lite's
+    or Qwen3-30B-A3B's shapes, in bfloat16 (~3.7 GB), for sharding and rebalancing measurements where expert
+    compute must count.
     fp8=True (deepseek_v3 only) writes the deepseek_v3 demo with FP8_DEMO_OVERRIDES in DeepSeek-V3's
     block-wise fp8 layout (`quantize_checkpoint_fp8`, 128 x 128 blocks). router_skew="zipf:S" biases the
     gates so that each MoE layer's expert load follows a Zipf law of exponent S (serving/router_skew.py).
     Deterministic: the same arguments give byte-identical files. `progress` shows a tqdm bar over the
     steps tokenizer, config, weights, save. Raises ConfigError for an unknown arch, fp8 with another arch,
-    or a bad or too steep router skew, an unknown size, or size "bench" with another arch or fp8.
+    or a bad or too steep router skew, an unknown size, or size "bench" with an arch it has no shapes for or fp8.
     """
     out_dir = Path(out_dir)
     if arch not in ARCHS:
@@ -301,10 +313,9 @@ def make_demo(
     if size not in SIZES:
         raise ConfigError(f"unknown demo size {size!r}; choose one of {', '.join(SIZES)}")
     bench = size == "bench"
-    if bench and (arch != "deepseek_v3" or fp8):
-        raise ConfigError(
-            f"demo size 'bench': only arch 'deepseek_v3' without fp8, not {arch!r}{' fp8' if fp8 else ''}"
-        )
+    if bench and (arch not in BENCH_OVERRIDES or fp8):
+        archs = ", ".join(BENCH_OVERRIDES)
+        raise ConfigError(f"demo size 'bench': only archs {archs} without fp8, not {arch!r}{' fp8' if fp8 else ''}")
     skew = parse_router_skew(router_skew) if router_skew is not None else None
     desc = f"make-demo {arch}{' bench' if bench else ''}{' fp8' if fp8 else ''}{f' {skew.spec()}' if skew else ''}"
     with tqdm(total=4, desc=desc, unit="step", disable=not progress) as bar:
@@ -313,7 +324,8 @@ def make_demo(
         bar.update()
         bar.set_postfix_str("config")
         vocab_size = RustTokenizer.from_file(str(out_dir / "tokenizer.json")).get_vocab_size()
-        config = demo_config(arch, vocab_size, **(FP8_DEMO_OVERRIDES if fp8 else BENCH_DEMO_OVERRIDES if bench else {}))
+        overrides = FP8_DEMO_OVERRIDES if fp8 else BENCH_OVERRIDES[arch] if bench else {}
+        config = demo_config(arch, vocab_size, **overrides)
         bar.update()
         bar.set_postfix_str("weights")
         # from_config draws from the global RNG: seed it, but leave the caller's RNG state alone.

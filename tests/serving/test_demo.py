@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from serving.demo import (
     ARCHS,
-    BENCH_DEMO_OVERRIDES,
+    BENCH_OVERRIDES,
     DEMO_VOCAB_SIZE,
     demo_config,
     init_weights,
@@ -158,14 +158,25 @@ def test_fp8_demo_is_byte_identical_across_runs_and_only_for_deepseek(tmp_path):
         make_demo(tmp_path / "c", "qwen3_moe", fp8=True, progress=False)
 
 
-def test_the_bench_size_has_deepseek_v2_lite_expert_shapes_and_only_for_deepseek(tmp_path):
+@pytest.mark.parametrize(
+    "arch, shapes, moe_layers",
+    [
+        ("deepseek_v3", (2048, 1408, 64, 6, 2 * 1408), (1, 2, 3)),  # DeepSeek-V2-Lite: 2 shared experts
+        ("qwen3_moe", (2048, 768, 128, 8, 0), (0, 1, 2)),  # Qwen3-30B-A3B: no shared expert
+    ],
+)
+def test_the_bench_size_has_a_real_models_expert_shapes(tmp_path, arch, shapes, moe_layers):
     # The config only: the checkpoint itself is ~3.7 GB (benchmarks/rebalance.py --model bench builds it).
-    demo_config("deepseek_v3", DEMO_VOCAB_SIZE, **BENCH_DEMO_OVERRIDES).save_pretrained(tmp_path)
+    demo_config(arch, DEMO_VOCAB_SIZE, **BENCH_OVERRIDES[arch]).save_pretrained(tmp_path)
     cfg = ModelConfig.from_pretrained(tmp_path)
-    assert (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.top_k) == (2048, 1408, 64, 6)
-    assert cfg.moe_layer_ids == (1, 2, 3)
+    got = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.top_k, cfg.shared_intermediate_size or 0)
+    assert got == shapes
+    assert cfg.moe_layer_ids == moe_layers
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
-    with pytest.raises(ConfigError, match="demo size 'bench': only arch 'deepseek_v3' without fp8, not 'mixtral'"):
+
+
+def test_the_bench_size_is_refused_where_it_has_no_shapes(tmp_path):
+    with pytest.raises(ConfigError, match="only archs deepseek_v3, qwen3_moe without fp8, not 'mixtral'"):
         make_demo(tmp_path / "a", "mixtral", size="bench", progress=False)
     with pytest.raises(ConfigError, match="without fp8, not 'deepseek_v3' fp8"):
         make_demo(tmp_path / "b", "deepseek_v3", fp8=True, size="bench", progress=False)
