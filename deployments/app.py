@@ -77,9 +77,7 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     config = cfg.model_dump()
     factory = _vllm_engine(cfg, config) if cfg.engine == "vllm" else _native_engine(cfg, config)
     surge = cfg.failover.update_surge_percent  # a rolling update starts new replicas before it stops old ones
-    options = cfg.replica_options(cfg.router_resources)
-    if env := engine_env(cfg):
-        options["runtime_env"] = {"env_vars": env}
+    options = cfg.replica_options(cfg.router_resources, engine_env(cfg))
     # A stopping router (rolling update, scale-down) gets router_drain_s to end its streams; the Ingress
     # moves any still running then to a live router, so it is the Ingress that must outlast it.
     engine = EngineReplica.options(
@@ -112,7 +110,9 @@ def engine_env(cfg: AppConfig) -> dict[str, str]:
     default: up to ~3 ms after each parallel region) take cores the shards on the same node need. Measured
     on bench, 2 shards on the 2-core machine, 1 user: 21-23 output tok/s spinning, 23.6-25.3 passive. With
     the experts in process, nothing else is waiting for those cores, and spinning is what makes the many
-    small parallel ops of a decode step fast, so it stays."""
+    small parallel ops of a decode step fast, so it stays. Where the shards compute on other nodes, nothing
+    competes for the router's cores and passive only costs (~7.6 ms a batch-1 step on bench, benchmarks/README.md
+    "Where a sharded step's time goes"): router_resources.env_vars {OMP_WAIT_POLICY: null} leaves it unset."""
     if cfg.engine == "vllm":
         return vllm_env(cfg.accelerator)
     if cfg.accelerator == "cpu" and cfg.shards > 0:

@@ -6,6 +6,7 @@ Validated once, in `build_app`; unknown fields are errors that name the field.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -20,6 +21,7 @@ NATIVE_ONLY = (
     "shards", "shard_replicas", "shard_autoscaling", "placement", "explicit_placement", "placement_file",
     "shard_resources", "rebalance", "transport", "direct_rows",
 )  # fmt: skip
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class ResourceConfig(BaseModel):
@@ -35,6 +37,21 @@ class ResourceConfig(BaseModel):
         "that advertise them (a KubeRay worker group's rayStartParams.resources; docs/kubernetes.md).",
     )
 
+    env_vars: dict[str, str | None] = Field(
+        default_factory=dict,
+        description="Environment variables of each replica's process, set before it starts; they override what the "
+        "app sets itself, and null leaves one unset. E.g. routers whose CPU shards run on other nodes: "
+        "{OMP_WAIT_POLICY: null} (docs/kubernetes.md, section 8).",
+    )
+
+    @field_validator("env_vars")
+    @classmethod
+    def _env_names(cls, v: dict[str, str | None]) -> dict[str, str | None]:
+        for name in v:
+            if not _ENV_NAME.fullmatch(name):
+                raise ValueError(f"env_vars: {name!r} is not an environment variable name (letters, digits, _)")
+        return v
+
     @field_validator("resources")
     @classmethod
     def _custom_only(cls, v: dict[str, float]) -> dict[str, float]:
@@ -47,13 +64,16 @@ class ResourceConfig(BaseModel):
                 raise ValueError(f"resources.{name}={amount}: must be > 0")
         return v
 
-    def ray_options(self) -> dict:
-        """ray_actor_options for a CPU-only replica."""
+    def ray_options(self, app_env: dict[str, str] | None = None) -> dict:
+        """ray_actor_options for a CPU-only replica; `app_env`: the variables the app sets (env_vars win)."""
         options: dict = {"num_cpus": self.num_cpus}
         if self.memory_gb is not None:
             options["memory"] = int(self.memory_gb * 2**30)
         if self.resources:
             options["resources"] = dict(self.resources)
+        env = {name: value for name, value in {**(app_env or {}), **self.env_vars}.items() if value is not None}
+        if env:
+            options["runtime_env"] = {"env_vars": env}
         return options
 
 
@@ -482,9 +502,10 @@ class AppConfig(BaseModel):
         retriever = self.retrieval.replicas * self.retrieval.resources.num_cpus if self.retrieval else 0.0
         return self.routers * self.router_resources.num_cpus + shards + self.ingress_resources.num_cpus + retriever
 
-    def replica_options(self, resources: ResourceConfig) -> dict:
-        """ray_actor_options for a router, shard or vLLM replica (a vLLM replica takes its tensor-parallel GPUs)."""
-        options = resources.ray_options()
+    def replica_options(self, resources: ResourceConfig, app_env: dict[str, str] | None = None) -> dict:
+        """ray_actor_options for a router, shard or vLLM replica (a vLLM replica takes its tensor-parallel GPUs);
+        `app_env`: environment variables the app sets for it (resources.env_vars override them)."""
+        options = resources.ray_options(app_env)
         if self.accelerator == "gpu":
             options["num_gpus"] = self.vllm.tensor_parallel_size if self.engine == "vllm" else 1
         return options

@@ -302,3 +302,27 @@ def test_a_router_with_cpu_shards_lets_its_idle_openmp_workers_sleep_and_one_wit
     assert router_env(shards=2) == {"OMP_WAIT_POLICY": "PASSIVE"}
     assert router_env(shards=0) == {}
     assert router_env(shards=2, accelerator="gpu") == {}
+    # shards on other nodes: the config leaves it unset (null) or overrides it, and adds what it likes
+    assert router_env(shards=2, router_resources={"env_vars": {"OMP_WAIT_POLICY": None}}) == {}
+    mine = {"OMP_WAIT_POLICY": "ACTIVE", "MALLOC_ARENA_MAX": "2"}
+    assert router_env(shards=2, router_resources={"env_vars": mine}) == mine
+
+
+def test_every_replica_group_takes_environment_variables_from_its_resources(demo_dir, tmp_path):
+    args = {"model": str(demo_dir), "shards": 2, "retrieval": {"store_path": str(tmp_path / "qdrant")}}
+    for group in ("shard_resources", "ingress_resources"):
+        args[group] = {"env_vars": {"MOE_TEST_GROUP": group}}
+    args["retrieval"]["resources"] = {"env_vars": {"MOE_TEST_GROUP": "retrieval"}}
+    ingress = build_app(args)._bound_deployment
+    router, retriever = (a._bound_deployment for a in ingress.init_args[1:])  # Ingress(config, router, retriever)
+    shards = [s._bound_deployment for s in router.init_args[0].shards]  # the NativeEngineFactory's ExpertShard-<i>
+
+    def env(deployment) -> dict:
+        return deployment.ray_actor_options.get("runtime_env", {}).get("env_vars", {})
+
+    assert env(ingress) == {"MOE_TEST_GROUP": "ingress_resources"}
+    assert env(retriever) == {"MOE_TEST_GROUP": "retrieval"}
+    assert [env(s) for s in shards] == [{"MOE_TEST_GROUP": "shard_resources"}] * 2
+    assert env(router) == {"OMP_WAIT_POLICY": "PASSIVE"}  # the app's own, router_resources has none
+    with pytest.raises(ValidationError, match=r"env_vars: 'BAD-NAME' is not an environment variable name"):
+        AppConfig.model_validate({"model": "x", "router_resources": {"env_vars": {"BAD-NAME": "1"}}})
