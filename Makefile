@@ -39,7 +39,7 @@ test: install install-vllm
 
 lint: install
 	$(VENV)/bin/ruff check router serving deployments loadtests tests benchmarks
-	$(VENV)/bin/ruff format --check router serving deployments loadtests tests benchmarks
+	$(VENV)/bin/ruff format --check router serving deployments loadtests tests benchmarks README.md docs
 
 bench: install
 	$(PY) -m benchmarks.engine
