@@ -113,7 +113,7 @@ FP8_DEMO_OVERRIDES: dict[str, object] = dict(hidden_size=192, intermediate_size=
                                              q_lora_rank=96)  # fmt: skip
 # size="bench": experts of a real model's shapes on the demo tokenizer, big enough that on a CPU a shard's
 # compute, not its hop, sets a MoE layer's time: what sharding, placement and rebalancing change (the tiny demo's
-# experts compute in microseconds). bfloat16, 3 MoE layers, ~3.7 GB each. Matrices ~ N(0, 0.1 * sqrt(128 / 2048)):
+# experts compute in microseconds). bfloat16, 3 MoE layers, 3.5-3.7 GB. Matrices ~ N(0, 0.1 * sqrt(128 / 2048)):
 # activations of the tiny demo's scale.
 # - deepseek_v3: DeepSeek-V2-Lite's shapes, the bench model of benchmarks/engine.py. Hidden 2048, 64 routed
 #   experts of 1408 (top-6, one group), 2 shared, MLA with a latent of 512, 4 layers (the first dense).
