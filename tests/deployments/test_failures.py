@@ -205,10 +205,19 @@ def bare_app(serve_url, demo_dir):
 
 def test_killing_the_only_shard_replica_holds_requests_until_serve_restarts_it(bare_app, greedy_texts):
     url, name = bare_app
-    outcomes = run_load(url, users=4, seconds=6, fault_at=1.5, fault=lambda: kill_replica(name, "ExpertShard-1"))
+    # Exactly one live replica to kill: one that Serve is still replacing (a slow start on a busy machine)
+    # would leave its twin serving, and nothing would wait.
+    wait_replicas(name, "ExpertShard-1", 1)
+    before = replica_pids(name, "ExpertShard-1")
+    killed = []
+    fault = lambda: killed.append(kill_replica(name, "ExpertShard-1"))  # noqa: E731
+    outcomes = run_load(url, users=4, seconds=6, fault_at=1.5, fault=fault)
     check_nothing_lost(outcomes, greedy_texts)
     longest = max(g for o in outcomes for g in o.gaps)
-    assert longest > 1.0, f"no stream waited for the restart: {len(outcomes)} requests, longest gap {longest:.3f} s"
+    assert longest > 1.0, (
+        f"no stream waited for the restart: {len(outcomes)} requests, longest gap {longest:.3f} s; "
+        f"replicas before {before}, killed {killed}, now {replica_pids(name, 'ExpertShard-1')}"
+    )
 
 
 def test_with_no_router_up_requests_get_503_with_retry_after_then_service_returns(bare_app):
