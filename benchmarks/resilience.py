@@ -2,7 +2,7 @@
 a real replica process is SIGKILLed at a set time (deployments/faults.py); then what the clients saw.
 
     python -m benchmarks.resilience [--scenarios shard-replica,router] [--users 6] [--duration 40]
-                                    [--fault-at 15] [--out .data/resilience]
+                                    [--fault-at 15] [--health-check-periods 10,2] [--out .data/resilience]
     python -m benchmarks.resilience --soak [--soak-minutes 10] [--users 16]
 
 Per scenario: requests, failed (and their errors), TTFT and ITL p99 before the fault and in the fault
@@ -10,6 +10,9 @@ window (the `--window` seconds after it), the longest inter-token gap in the win
 times: until the killed deployment has its replicas again (Serve's restart), and until the clients
 recovered (the last failed request or gap longer than max(1 s, 3 x ITL p99 before) after the fault).
 The soak row: 0 errors over the run, and every replica's RSS at the end against after warm-up.
+`--health-check-periods` runs each scenario once per `failover.health_check_period_s` given (default: the
+config's), side by side: how soon Serve notices a dead replica sets how long the requests wait for one that
+had no twin.
 
 Scenarios (the app is the demo model, 2 expert shards, streaming, ignore_eos):
     shard-replica   1 of 2 replicas of ExpertShard-0     -> 0 failed, a retry on the twin
@@ -339,11 +342,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=40.0, help="seconds of load per scenario")
     parser.add_argument("--fault-at", type=float, default=15.0, help="seconds into the load the replica is killed")
     parser.add_argument("--window", type=float, default=10.0, help="seconds after the fault counted as its window")
+    parser.add_argument("--health-check-periods", default=None,
+                        help="failover.health_check_period_s values (comma-separated): a run of each")  # fmt: skip
     parser.add_argument("--soak", action="store_true", help="the soak run instead of the fault scenarios")
     parser.add_argument("--soak-minutes", type=float, default=10.0)
     parser.add_argument("--out", default=".data/resilience")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
+    periods = [float(p) for p in args.health_check_periods.split(",")] if args.health_check_periods else [None]
     if unknown := [n for n in names if n not in SCENARIOS]:
         parser.error(f"--scenarios: unknown {unknown}; choose from {list(SCENARIOS)}")
 
@@ -372,9 +378,11 @@ def main(argv: list[str] | None = None) -> None:
                    "largest RSS growth after warm-up": "rss_growth_max",
                    "largest in the second half": "rss_growth_second_half_max"}  # fmt: skip
     else:
-        for name in names:
+        for period, name in ((period, name) for period in periods for name in names):
             scenario = SCENARIOS[name]
             app = {**base, **scenario.app}
+            if period is not None:
+                app["failover"] = {**app.get("failover", {}), "health_check_period_s": period}
             if scenario.rag:
                 app["retrieval"] = {"store_path": str(out / "qdrant"), "ingest_on_start": ["README.md", "docs"]}
             update = None
@@ -393,8 +401,10 @@ def main(argv: list[str] | None = None) -> None:
                 serve.delete(name)
             row = analyse(result, args.window)
             row["expect"] = scenario.expect
+            row["health_check_s"] = "default" if period is None else f"{period:g}"
             rows.append(row)
-        columns = {"scenario": "scenario", "expected": "expect", "requests": "requests", "failed": "failed",
+        columns = {"scenario": "scenario", "health check (s)": "health_check_s", "expected": "expect",
+                   "requests": "requests", "failed": "failed",
                    "TTFT p99 before / window (s)": "ttft", "ITL p99 before / window (s)": "itl",
                    "longest gap (s)": "longest_gap_window_s", "replicas back (s)": "replicas_back_s",
                    "clients recovered (s)": "clients_recovered_s"}  # fmt: skip

@@ -77,6 +77,7 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     config = cfg.model_dump()
     factory = _vllm_engine(cfg, config) if cfg.engine == "vllm" else _native_engine(cfg, config)
     surge = cfg.failover.update_surge_percent  # a rolling update starts new replicas before it stops old ones
+    checks = cfg.failover.health_check_period_s  # a dead replica is restarted once a check notices it
     options = cfg.replica_options(cfg.router_resources, engine_env(cfg))
     # A stopping router (rolling update, scale-down) gets router_drain_s to end its streams; the Ingress
     # moves any still running then to a live router, so it is the Ingress that must outlast it.
@@ -86,6 +87,7 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
         ray_actor_options=options,
         graceful_shutdown_timeout_s=cfg.failover.router_drain_s,
         max_surge_percent=surge,
+        health_check_period_s=checks,
     ).bind(factory)
     retriever = None
     if cfg.retrieval is not None:
@@ -93,11 +95,13 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
             num_replicas=cfg.retrieval.replicas,
             ray_actor_options=cfg.retrieval.resources.ray_options(),
             max_surge_percent=surge if cfg.retrieval.qdrant_url else 0,  # an embedded store opens once
+            health_check_period_s=checks,
         ).bind(config)
     ingress = Ingress.options(
         ray_actor_options=cfg.ingress_resources.ray_options(),
         graceful_shutdown_timeout_s=cfg.failover.ingress_drain_s,
         max_surge_percent=surge,
+        health_check_period_s=checks,
     )
     return ingress.bind(config, engine, retriever)
 
@@ -129,6 +133,7 @@ def _native_engine(cfg: AppConfig, config: dict) -> EngineFactory:
             **shard_replicas(cfg, i),
             ray_actor_options=cfg.replica_options(cfg.shard_resources),
             max_surge_percent=cfg.failover.update_surge_percent,
+            health_check_period_s=cfg.failover.health_check_period_s,
         ).bind(
             cfg.model,
             i,

@@ -158,6 +158,14 @@ class FailoverConfig(BaseModel):
         description="Longest an Ingress replica Serve is stopping may finish its HTTP streams; must be > "
         "router_drain_s, so a stream it moves off a stopped router can still end.",
     )
+    health_check_period_s: float = Field(
+        2.0,
+        gt=0,
+        description="How often Serve checks each replica (Router, ExpertShard, Retriever, Ingress). A SIGKILLed "
+        "replica is noticed at its next check and restarted then, so requests wait for a shard or router that "
+        "had no twin up to this plus its start: the only shard replica was back in 3.9 s at 2 s, 6.4 s at "
+        "Serve's default of 10 s (benchmarks/README.md, Resilience). Each check is a small actor call.",
+    )
     update_surge_percent: int = Field(
         100,
         ge=0,

@@ -158,7 +158,7 @@ def _plan(load: ExpertLoad, current: LayeredPlacement, redundant: int) -> dict:
         raise RequestError(f"redundant={redundant}: {e}") from None
 
 
-@serve.deployment(max_ongoing_requests=256, health_check_period_s=10)
+@serve.deployment(max_ongoing_requests=256)
 class EngineReplica:
     async def __init__(self, factory: EngineFactory):
         # async: vLLM's output handler must live on the event loop that runs `generate`

@@ -47,7 +47,7 @@ def _open(settings: RetrievalSettings) -> RetrievalService:
             time.sleep(1.0)
 
 
-@serve.deployment(max_ongoing_requests=64, health_check_period_s=10)
+@serve.deployment(max_ongoing_requests=64)
 class Retriever:
     def __init__(self, config: dict):
         cfg = AppConfig.model_validate(config).retrieval

@@ -45,7 +45,7 @@ from serving.model.dtypes import torch_dtype
 log = logging.getLogger(__name__)
 
 
-@serve.deployment(max_ongoing_requests=64, health_check_period_s=10)
+@serve.deployment(max_ongoing_requests=64)
 class ExpertShard:
     async def __init__(
         self,

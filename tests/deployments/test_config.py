@@ -210,6 +210,20 @@ def test_a_rolling_update_starts_new_replicas_first_and_drains_old_ones_for_the_
     assert surge == {"Ingress": 50, "Router": 50, "Retriever": 0, "ExpertShard-0": 50, "ExpertShard-1": 50}
 
 
+@pytest.mark.parametrize("period", [None, 0.5])
+def test_every_deployment_is_health_checked_as_often_as_failover_says(demo_dir, period):
+    """A SIGKILLed replica is restarted once a health check notices it: the period bounds a single replica's outage."""
+    failover = {} if period is None else {"health_check_period_s": period}
+    ingress = build_app({"model": str(demo_dir), "shards": 2, "failover": failover, "retrieval": {}})._bound_deployment
+    router, retriever = (a._bound_deployment for a in ingress.init_args[1:])
+    deployments = [ingress, router, retriever] + [s._bound_deployment for s in router.init_args[0].shards]
+    periods = {d.name: d._deployment_config.health_check_period_s for d in deployments}
+    want = 2.0 if period is None else period  # Serve's own default is 10 s
+    assert periods == dict.fromkeys(["Ingress", "Router", "Retriever", "ExpertShard-0", "ExpertShard-1"], want)
+    with pytest.raises(ValidationError, match="health_check_period_s"):
+        AppConfig.model_validate({"model": "x", "failover": {"health_check_period_s": 0}})
+
+
 def test_the_expert_load_window_is_a_bounded_number_of_seconds():
     assert AppConfig.model_validate({"model": "x"}).engine_config.expert_load_window_s == 60.0
     cfg = AppConfig.model_validate({"model": "x", "engine_config": {"expert_load_window_s": 300}})
