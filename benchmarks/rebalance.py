@@ -46,7 +46,7 @@ from deployments.local_cluster import deploy_app, free_port
 from loadtests.runner import LoadTest, read_records, run_loadtest
 from loadtests.stream import NO_CONTENT
 from loadtests.workload import Workload
-from serving.demo import make_demo
+from serving.demo import BENCH_OVERRIDES, make_demo
 from serving.expert_load import fetch_expert_load
 from serving.rebalancing import post_rebalance
 
@@ -125,6 +125,13 @@ def hot_half_first(load: list[list[int]]) -> list[list[list[int]]]:
     return placement
 
 
+def wait_running(timeout_s: float = 300.0) -> None:
+    """Until the app is RUNNING again after a redeploy (every deployment on its new version), at most timeout_s."""
+    deadline = time.time() + timeout_s
+    while not app_running(APP) and time.time() < deadline:
+        time.sleep(0.5)
+
+
 def tokens_between(records, t0: float, t1: float) -> tuple[float, float | None, int, int]:
     """(output tokens/s, ITL p50 s, failed requests, empty ones) of the requests started in [t0, t1). Empty: a
     whole stream whose tokens all decoded to no text (a random model can generate only special tokens with
@@ -155,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         choices=("demo", "bench"),
         help="demo: the Mixtral demo; bench: the demo of size bench of --arch (default: demo)",
     )
-    parser.add_argument("--arch", default="deepseek_v3", choices=("deepseek_v3", "qwen3_moe"),
+    parser.add_argument("--arch", default="deepseek_v3", choices=tuple(BENCH_OVERRIDES),
                         help="--model bench: the bench demo's arch (default: deepseek_v3)")  # fmt: skip
     parser.add_argument("--users", type=int, default=8, help="locust users (default: 8)")
     parser.add_argument("--warmup", type=float, default=30.0,
@@ -191,8 +198,7 @@ def main(argv: list[str] | None = None) -> None:
             time.sleep(args.warmup)
             worst = {"placement": "explicit", "explicit_placement": hot_half_first(fetch_expert_load(url, None).load)}
             url = deploy_app(serve_url, APP, {**app, **worst}, timeout_s=300)
-            while not app_running(APP):
-                time.sleep(0.5)
+            wait_running()
         time.sleep(10)
         s0, t0 = scrape(metrics_url), time.time()
         time.sleep(max(0.0, args.before - 10))
@@ -200,8 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         outcome = post_rebalance(url, api_key=None, redundant=args.redundant)
         assert outcome["applied"], outcome
         time.sleep(2)
-        while not app_running(APP) and time.time() - t1 < 300:
-            time.sleep(0.5)
+        wait_running()
         t2 = time.time()
         time.sleep(5)
         s2, t3 = scrape(metrics_url), time.time()

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import shutil
 import tempfile
@@ -378,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
                    "largest RSS growth after warm-up": "rss_growth_max",
                    "largest in the second half": "rss_growth_second_half_max"}  # fmt: skip
     else:
-        for period, name in ((period, name) for period in periods for name in names):
+        for period, name in itertools.product(periods, names):
             scenario = SCENARIOS[name]
             app = {**base, **scenario.app}
             if period is not None:
